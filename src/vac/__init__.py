@@ -1,0 +1,1 @@
+"""vac: Variable Allocation Compression."""
