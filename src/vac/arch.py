@@ -18,6 +18,7 @@ class Arch:
     family: str
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
+    norm: str = "model.norm"
     head: str = "lm_head"
     # groups of linears (relative to a decoder layer) that share one input
     attn_groups: tuple[tuple[str, ...], ...] = (

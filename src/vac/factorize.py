@@ -1,0 +1,113 @@
+"""Weighted low-rank factorization: one mechanism, five methods.
+
+Every method minimizes ``‖Dₗ (W − W′) R‖_F`` over rank-r ``W′`` for a diagonal left weighting ``Dₗ``
+(output channels) and a right transform ``R`` (input side): ``W′ = Dₗ⁻¹ [Dₗ W R]ᵣ R⁻¹``. The
+discarded squared singular values of ``Dₗ W R`` are the method's error at every rank at once.
+
+- ``svd``: Dₗ = I, R = I.
+- ``fwsvd``: Dₗ = (Fisher row sums)^e (Hsu et al. 2022 use e = 1/2).
+- ``asvd``: R = diag(mean |x|)^α (Yuan et al. 2023).
+- ``whiten``: R = chol(XᵀX), adaptively regularized (SVD-LLM, Wang et al. 2024): the error is the
+  layer's output error on the calibration inputs.
+- ``vac``: whitening plus Dₗ = (Fisher output sensitivity)^(e/2): output error weighted by how much
+  each output channel moves the loss, so the error is an estimate of the loss increase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calibrate import FisherStats, InputStats
+
+METHODS = ("svd", "fwsvd", "asvd", "whiten", "vac")
+
+
+def cholesky_adaptive(xtx: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of XᵀX (fp64), adding the smallest ridge λ·mean(diag) that works."""
+    xtx = xtx.double()
+    scale = xtx.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        factor, info = torch.linalg.cholesky_ex(xtx + ridge * scale * eye)
+        if info.item() == 0 and factor.diagonal().min() > 0:
+            return factor, ridge
+    raise RuntimeError("input covariance could not be factorized even with a large ridge")
+
+
+@dataclass
+class Weighting:
+    """``left`` [out] diagonal (or None), ``right`` [in, in] lower-triangular or [in] diagonal (or None)."""
+
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    ridge: float = 0.0
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        a = weight.double()
+        if self.left is not None:
+            a = self.left[:, None] * a
+        if self.right is not None:
+            a = a * self.right[None, :] if self.right.dim() == 1 else a @ self.right
+        return a
+
+    def factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):
+        """(up, down) of ``W′ = Dₗ⁻¹ U_r S_r V_rᵀ R⁻¹`` from the SVD of the weighted matrix."""
+        root = s[:rank].sqrt()
+        up = u[:, :rank] * root
+        down = root[:, None] * vh[:rank]
+        if self.left is not None:
+            up = up / self.left[:, None]
+        if self.right is not None:
+            if self.right.dim() == 1:
+                down = down / self.right[None, :]
+            else:  # down R⁻¹ = (R⁻ᵀ downᵀ)ᵀ
+                down = torch.linalg.solve_triangular(self.right.T, down.T, upper=True).T
+        return up, down
+
+
+def weighting(
+    method: str,
+    inputs: InputStats | None,
+    fisher: FisherStats | None,
+    fisher_exponent: float = 1 / 3,
+    asvd_alpha: float = 0.5,
+) -> Weighting:
+    """The weighting of ``method`` for one matrix from its statistics."""
+    if method == "svd":
+        return Weighting()
+    if method == "fwsvd":
+        return Weighting(left=_normalized(fisher.row).pow(fisher_exponent))
+    if method == "asvd":
+        scale = (inputs.abs_sum / max(inputs.tokens, 1)).clamp_min(1e-6)
+        return Weighting(right=_normalized(scale).pow(asvd_alpha))
+    if method in ("whiten", "vac"):
+        chol, ridge = cholesky_adaptive(inputs.xtx / max(inputs.tokens, 1))
+        left = None
+        if method == "vac":
+            left = output_sensitivity(inputs, fisher).pow(fisher_exponent / 2)
+        return Weighting(left=left, right=chol, ridge=ridge)
+    raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+
+
+def output_sensitivity(inputs: InputStats, fisher: FisherStats) -> torch.Tensor:
+    """Mean squared loss gradient per output channel: Fisher row sum / mean input energy."""
+    energy = inputs.xtx.diagonal().sum() / max(inputs.tokens, 1)
+    return (fisher.row / fisher.windows / energy.clamp_min(1e-30)).clamp_min(1e-30)
+
+
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    v = v.double().clamp_min(1e-30)
+    return v / v.mean()
+
+
+def decompose(weight: torch.Tensor, w: Weighting):
+    """SVD of the weighted matrix: (U, S, Vh), fp64."""
+    return torch.linalg.svd(w.apply(weight), full_matrices=False)
+
+
+def tail_energy(s: torch.Tensor) -> torch.Tensor:
+    """``tail[r]`` = Σ_{k≥r} s_k², the weighted error of keeping rank r, for r = 0..len(s)."""
+    sq = s.double().square()
+    return torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])

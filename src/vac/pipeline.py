@@ -1,0 +1,232 @@
+"""The compression driver: calibrate → allocate → factorize (sequentially, in a layer order)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
+from .arch import arch_for
+from .calibrate import InputStats, LayerStream, Statistics, fisher_stats, layer_input_stats
+from .data import DEFAULT_CALIB
+from .errors import VacError
+from .factorize import METHODS, decompose, tail_energy, weighting
+from .layers import factorize_
+
+ORDERS = ("middle-out", "front-to-back", "back-to-front")
+
+
+@dataclass
+class VacConfig:
+    """Everything that decides a compression. ``None`` fields take the method's defaults."""
+
+    ratio: float = 1.8
+    method: str = "vac"
+    allocation: str | None = None  # "global" (knapsack) | "uniform"; default: global for vac
+    sequential: bool | None = None  # statistics from compressed earlier layers; default: vac only
+    order: str | list[int] = "middle-out"
+    fisher_exponent: float = 1 / 3
+    attn_ratio: float | None = None  # per-component budgets (the other component gets the rest)
+    mlp_ratio: float | None = None
+    rank_step: int = 8
+    rank_floor: int = 8
+    asvd_alpha: float = 0.5
+    calib: str = DEFAULT_CALIB
+    calib_windows: int = 64
+    fisher_windows: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise VacError(f"unknown method '{self.method}'; choose from {', '.join(METHODS)}")
+        if not self.ratio > 1:
+            raise VacError(f"--ratio must be greater than 1, got {self.ratio:g}")
+        for name in ("attn_ratio", "mlp_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value > 1:
+                raise VacError(f"--{name.replace('_', '-')} must be greater than 1, got {value:g}")
+        if self.allocation is None:
+            self.allocation = "global" if self.method == "vac" else "uniform"
+        if self.allocation not in ("global", "uniform"):
+            raise VacError(f"unknown allocation '{self.allocation}'; choose global or uniform")
+        if self.sequential is None:
+            self.sequential = self.method == "vac"
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method in ("fwsvd", "vac")
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.method in ("asvd", "whiten", "vac")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_order(order: str | list[int], n_layers: int) -> list[int]:
+    """Layer indices in compression order. ``middle-out``: middle, middle+1, middle−1, …"""
+    if not isinstance(order, str):
+        layers = [int(i) for i in order]
+        if sorted(layers) != list(range(n_layers)):
+            raise VacError(f"an explicit --order must be a permutation of 0..{n_layers - 1}")
+        return layers
+    if order == "front-to-back":
+        return list(range(n_layers))
+    if order == "back-to-front":
+        return list(reversed(range(n_layers)))
+    if order == "middle-out":
+        mid, result = n_layers // 2, []
+        for k in range(n_layers):
+            for i in (mid + k, mid - k) if k else (mid,):
+                if 0 <= i < n_layers and i not in result:
+                    result.append(i)
+        return result
+    if "," in order:
+        return layer_order([int(x) for x in order.split(",")], n_layers)
+    raise VacError(f"unknown order '{order}'; choose {', '.join(ORDERS)} or a comma list of layers")
+
+
+def matrices_of(model: nn.Module) -> list[Matrix]:
+    arch = arch_for(model)
+    n_layers = len(model.get_submodule(arch.layers))
+    result = []
+    for path in arch.decoder_linears(n_layers):
+        linear = model.get_submodule(path)
+        result.append(Matrix(path, linear.out_features, linear.in_features))
+    return result
+
+
+def dense_statistics(model, windows: torch.Tensor, cfg: VacConfig, progress=True) -> Statistics:
+    """Input statistics of every group over all windows, and (if needed) Fisher on the first
+    ``cfg.fisher_windows`` windows, all from the dense model, one layer at a time."""
+    stats = Statistics()
+    if cfg.needs_fisher:
+        stats.fisher = fisher_stats(model, windows[: cfg.fisher_windows], progress=progress)
+    if cfg.needs_inputs:
+        stream = LayerStream(model)
+        batches = list(windows.split(cfg.batch_size))
+        with torch.no_grad():
+            hidden = [stream.embed(b) for b in batches]
+        for i in tqdm(range(len(stream)), desc="input statistics", unit="layer", disable=not progress):
+            layer_stats, hidden = layer_input_stats(stream, i, hidden, batches)
+            stats.inputs.update(layer_stats)
+    return stats
+
+
+def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
+    """The rank map for ``cfg``: uniform, or the knapsack over the method's error curves, with
+    optional per-component budgets."""
+    matrices = matrices_of(model)
+    if cfg.allocation == "uniform":
+        ranks = {}
+        arch = arch_for(model)
+        for comp, ratio in (("attn", cfg.attn_ratio), ("mlp", cfg.mlp_ratio)):
+            group = [m for m in matrices if arch.component(m.path) == comp]
+            ranks.update(uniform_ranks(group, ratio or cfg.ratio))
+        return ranks
+    for m in matrices:
+        w = weighting(cfg.method, stats.inputs.get(m.path), stats.fisher.get(m.path),
+                      cfg.fisher_exponent, cfg.asvd_alpha)
+        _, s, _ = decompose(model.get_submodule(m.path).weight, w)
+        m.curve = tail_energy(s)
+    return _component_knapsacks(model, matrices, cfg)
+
+
+def _component_knapsacks(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, int]:
+    arch = arch_for(model)
+    budget = int(sum(m.dense_params for m in matrices) / cfg.ratio)
+    parts = {c: [m for m in matrices if arch.component(m.path) == c] for c in ("attn", "mlp")}
+    fixed = {c: r for c, r in (("attn", cfg.attn_ratio), ("mlp", cfg.mlp_ratio)) if r}
+    if not fixed:
+        return knapsack(matrices, budget, cfg.rank_step, cfg.rank_floor)
+    budgets = {c: int(sum(m.dense_params for m in parts[c]) / r) for c, r in fixed.items()}
+    for c in parts:
+        budgets.setdefault(c, budget - sum(budgets.values()))
+    ranks = {}
+    for c, part in parts.items():
+        ranks.update(knapsack(part, budgets[c], cfg.rank_step, cfg.rank_floor))
+    return ranks
+
+
+def factorize_layer(model, layer: int, ranks, stats: Statistics, cfg: VacConfig) -> None:
+    """Factorize the linears of one decoder layer with the method's weighting from ``stats``."""
+    arch = arch_for(model)
+    prefix = arch.layer_path(layer) + "."
+    todo = {p: r for p, r in ranks.items() if p.startswith(prefix) and r != DENSE}
+
+    def factors(path, weight, rank):
+        w = weighting(cfg.method, stats.inputs.get(path), stats.fisher.get(path),
+                      cfg.fisher_exponent, cfg.asvd_alpha)
+        return w.factors(*decompose(weight, w), rank)
+
+    factorize_(model, todo, factors)
+
+
+@dataclass
+class Result:
+    ranks: dict[str, int]
+    params_before: int
+    params_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / self.params_after
+
+
+def compress(model, windows: torch.Tensor, cfg: VacConfig, progress: bool = True) -> Result:
+    """Compress ``model`` in place; ``windows`` [n, seq_len] are the calibration tokens."""
+    arch = arch_for(model)
+    matrices = matrices_of(model)
+    clock = {"start": time.perf_counter()}
+
+    def lap(name):
+        now = time.perf_counter()
+        clock[name] = now - clock.pop("_last", clock["start"])
+        clock["_last"] = now
+
+    stats = dense_statistics(model, windows, cfg, progress)
+    lap("statistics")
+    ranks = allocate(model, stats, cfg)
+    lap("allocation")
+    stream = LayerStream(model, arch)
+    order = layer_order(cfg.order, len(stream))
+    if not cfg.sequential:
+        for i in tqdm(order, desc=f"factorize ({cfg.method})", unit="layer", disable=not progress):
+            factorize_layer(model, i, ranks, stats, cfg)
+    else:
+        _sequential(model, stream, order, windows, ranks, stats, cfg, progress)
+    lap("factorization")
+    clock.pop("_last")
+    clock.pop("start")
+    kept = {p: r for p, r in ranks.items() if r != DENSE}
+    return Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
+
+
+def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
+    """Factorize layers in ``order``, each from input statistics of windows that passed through the
+    layers below it in their current (partly compressed) state. Boundary hidden states are cached
+    and invalidated above each layer that changes."""
+    batches = list(windows.split(cfg.batch_size))
+    with torch.no_grad():
+        cache = {0: [stream.embed(b) for b in batches]}
+    for i in tqdm(order, desc=f"factorize ({cfg.method}, sequential)", unit="layer", disable=not progress):
+        start = max(b for b in cache if b <= i)
+        hidden = cache[start]
+        with torch.no_grad():
+            for j in range(start, i):
+                hidden = [stream.layer(j, h, b) for h, b in zip(hidden, batches)]
+        cache = {b: h for b, h in cache.items() if b <= i}
+        cache[i] = hidden
+        layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
+        for path, s in layer_stats.items():
+            stats.inputs[path] = s if cfg.needs_inputs else stats.inputs.get(path)
+        factorize_layer(model, i, ranks, stats, cfg)
+        cache = {b: h for b, h in cache.items() if b <= i}
