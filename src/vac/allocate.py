@@ -95,7 +95,34 @@ def knapsack(
         j = picks[i, b]
         ranks[matrices[i].path] = menus[i][j]
         b -= math.ceil(costs[i][j] / unit)
-    return dict(reversed(list(ranks.items())))
+    ranks = dict(reversed(list(ranks.items())))
+    if unit > math.gcd(*[c for row in costs for c in row]):
+        _top_up(matrices, menus, ranks, budget)
+    return ranks
+
+
+def _top_up(matrices, menus, ranks, budget) -> None:
+    """Spend, greedily, the budget that rounding costs up to a coarse unit left unused (up to one
+    unit per matrix): move a matrix to its next choice while one fits, best loss drop per parameter
+    first, so the slack ends below the largest single step."""
+    spent = sum(m.params(ranks[m.path]) for m in matrices)
+    while True:
+        best = None
+        for m, menu in zip(matrices, menus):
+            j = menu.index(ranks[m.path])
+            if j + 1 == len(menu):
+                continue
+            extra = m.params(menu[j + 1]) - m.params(menu[j])
+            if spent + extra > budget:
+                continue
+            gain = (m.loss(menu[j]) - m.loss(menu[j + 1])) / extra
+            if best is None or gain > best[0]:
+                best = (gain, m, menu[j + 1], extra)
+        if best is None:
+            return
+        _, m, rank, extra = best
+        ranks[m.path] = rank
+        spent += extra
 
 
 def total_params(matrices: list[Matrix], ranks: dict[str, int]) -> int:

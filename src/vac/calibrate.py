@@ -145,12 +145,36 @@ def layer_input_stats(
     return stats, outputs
 
 
+def _input_hooks(stream: LayerStream, inputs: dict[str, InputStats], active: list[bool]) -> list:
+    """Pre-hooks that add each group's input to ``inputs`` while ``active[0]`` is true."""
+    arch, handles = stream.arch, []
+    for i, layer in enumerate(stream.layers):
+        for group in arch.groups:
+            first = layer.get_submodule(group[0])
+            shared = InputStats.empty(first.in_features)
+            for name in group:
+                inputs[f"{arch.layer_path(i)}.{name}"] = shared
+
+            def hook(_module, args, s=shared):
+                if active[0]:
+                    s.add(args[0])
+
+            handles.append(first.register_forward_pre_hook(hook))
+    return handles
+
+
 def fisher_stats(
-    model: nn.Module, windows: torch.Tensor, progress: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    progress: bool = True,
+    inputs: dict[str, InputStats] | None = None,
 ) -> dict[str, FisherStats]:
     """Diagonal empirical Fisher of every decoder linear, one window per backward pass, computed by a
-    layer-streamed backward (forward keeps only each layer's input; backward recomputes one layer)."""
+    layer-streamed backward (forward keeps only each layer's input; backward recomputes one layer).
+    If ``inputs`` is given, the input statistics of the same windows are gathered into it for free."""
     stream = LayerStream(model)
+    active = [False]
+    handles = _input_hooks(stream, inputs, active) if inputs is not None else []
     arch, n_layers = stream.arch, len(stream)
     paths = arch.decoder_linears(n_layers)
     linears = {p: model.get_submodule(p) for p in paths}
@@ -172,9 +196,11 @@ def fisher_stats(
     try:
         for w in tqdm(windows.split(1), desc="fisher", unit="window", disable=not progress):
             with torch.no_grad():
+                active[0] = True
                 hidden = [stream.embed(w)]
                 for i in range(n_layers):
                     hidden.append(stream.layer(i, hidden[-1], w))
+                active[0] = False
             top = hidden[-1].detach().requires_grad_(True)
             window_loss(stream.head(top), w).backward()
             grad = top.grad
@@ -191,6 +217,8 @@ def fisher_stats(
                     result[path].windows += 1
                     weight.grad = None
     finally:
+        for handle in handles:
+            handle.remove()
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
         model.train(was_training)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
 from .arch import arch_for
-from .calibrate import InputStats, LayerStream, Statistics, fisher_stats, layer_input_stats
+from .calibrate import LayerStream, Statistics, fisher_stats, layer_input_stats
 from .data import DEFAULT_CALIB
 from .errors import VacError
 from .factorize import METHODS, decompose, tail_energy, weighting
@@ -104,14 +104,21 @@ def matrices_of(model: nn.Module) -> list[Matrix]:
 
 
 def dense_statistics(model, windows: torch.Tensor, cfg: VacConfig, progress=True) -> Statistics:
-    """Input statistics of every group over all windows, and (if needed) Fisher on the first
-    ``cfg.fisher_windows`` windows, all from the dense model, one layer at a time."""
+    """Statistics of the dense model, one layer at a time.
+
+    Fisher (if the method uses it) comes from the first ``cfg.fisher_windows`` windows, and the same
+    pass gathers their input statistics. A sequential compression only needs those for its
+    allocation curves (it recomputes input statistics layer by layer as it goes); otherwise input
+    statistics are gathered over all windows."""
     stats = Statistics()
     if cfg.needs_fisher:
-        stats.fisher = fisher_stats(model, windows[: cfg.fisher_windows], progress=progress)
-    if cfg.needs_inputs:
+        stats.fisher = fisher_stats(
+            model, windows[: cfg.fisher_windows], progress=progress, inputs=stats.inputs
+        )
+    subset = windows[: cfg.fisher_windows] if cfg.sequential else windows
+    if cfg.needs_inputs and not (cfg.sequential and stats.inputs):
         stream = LayerStream(model)
-        batches = list(windows.split(cfg.batch_size))
+        batches = list(subset.split(cfg.batch_size))
         with torch.no_grad():
             hidden = [stream.embed(b) for b in batches]
         for i in tqdm(range(len(stream)), desc="input statistics", unit="layer", disable=not progress):
@@ -120,16 +127,17 @@ def dense_statistics(model, windows: torch.Tensor, cfg: VacConfig, progress=True
     return stats
 
 
+@torch.no_grad()
 def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
     """The rank map for ``cfg``: uniform, or the knapsack over the method's error curves, with
     optional per-component budgets."""
     matrices = matrices_of(model)
     if cfg.allocation == "uniform":
-        ranks = {}
+        ratios = _component_ratios(model, matrices, cfg)
         arch = arch_for(model)
-        for comp, ratio in (("attn", cfg.attn_ratio), ("mlp", cfg.mlp_ratio)):
-            group = [m for m in matrices if arch.component(m.path) == comp]
-            ranks.update(uniform_ranks(group, ratio or cfg.ratio))
+        ranks = {}
+        for comp, ratio in ratios.items():
+            ranks.update(uniform_ranks([m for m in matrices if arch.component(m.path) == comp], ratio))
         return ranks
     for m in matrices:
         w = weighting(cfg.method, stats.inputs.get(m.path), stats.fisher.get(m.path),
@@ -139,19 +147,32 @@ def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
     return _component_knapsacks(model, matrices, cfg)
 
 
+def _component_ratios(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, float]:
+    """Ratio per component: the fixed ones as given; a free one gets what the global budget leaves
+    (both free: the global ratio)."""
+    arch = arch_for(model)
+    dense = {c: sum(m.dense_params for m in matrices if arch.component(m.path) == c) for c in ("attn", "mlp")}
+    fixed = {c: r for c, r in (("attn", cfg.attn_ratio), ("mlp", cfg.mlp_ratio)) if r}
+    if len(fixed) != 1:
+        return {c: fixed.get(c, cfg.ratio) for c in dense}
+    (c, r), = fixed.items()
+    other = "mlp" if c == "attn" else "attn"
+    left = sum(dense.values()) / cfg.ratio - dense[c] / r
+    if left <= 0:
+        raise VacError(f"--{c}-ratio {r:g} leaves no budget for the {other} linears at --ratio {cfg.ratio:g}")
+    return {c: r, other: dense[other] / left}
+
+
 def _component_knapsacks(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, int]:
     arch = arch_for(model)
-    budget = int(sum(m.dense_params for m in matrices) / cfg.ratio)
-    parts = {c: [m for m in matrices if arch.component(m.path) == c] for c in ("attn", "mlp")}
-    fixed = {c: r for c, r in (("attn", cfg.attn_ratio), ("mlp", cfg.mlp_ratio)) if r}
-    if not fixed:
+    if not (cfg.attn_ratio or cfg.mlp_ratio):
+        budget = int(sum(m.dense_params for m in matrices) / cfg.ratio)
         return knapsack(matrices, budget, cfg.rank_step, cfg.rank_floor)
-    budgets = {c: int(sum(m.dense_params for m in parts[c]) / r) for c, r in fixed.items()}
-    for c in parts:
-        budgets.setdefault(c, budget - sum(budgets.values()))
     ranks = {}
-    for c, part in parts.items():
-        ranks.update(knapsack(part, budgets[c], cfg.rank_step, cfg.rank_floor))
+    for c, ratio in _component_ratios(model, matrices, cfg).items():
+        part = [m for m in matrices if arch.component(m.path) == c]
+        budget = int(sum(m.dense_params for m in part) / ratio)
+        ranks.update(knapsack(part, budget, cfg.rank_step, cfg.rank_floor))
     return ranks
 
 
@@ -181,8 +202,13 @@ class Result:
         return self.params_before / self.params_after
 
 
-def compress(model, windows: torch.Tensor, cfg: VacConfig, progress: bool = True) -> Result:
-    """Compress ``model`` in place; ``windows`` [n, seq_len] are the calibration tokens."""
+def compress(
+    model, windows: torch.Tensor, cfg: VacConfig, progress: bool = True, stats: Statistics | None = None
+) -> Result:
+    """Compress ``model`` in place; ``windows`` [n, seq_len] are the calibration tokens.
+
+    ``stats``: dense statistics computed before (e.g. shared by several compressions of the same
+    model); they are not modified."""
     arch = arch_for(model)
     matrices = matrices_of(model)
     clock = {"start": time.perf_counter()}
@@ -192,7 +218,9 @@ def compress(model, windows: torch.Tensor, cfg: VacConfig, progress: bool = True
         clock[name] = now - clock.pop("_last", clock["start"])
         clock["_last"] = now
 
-    stats = dense_statistics(model, windows, cfg, progress)
+    if stats is None:
+        stats = dense_statistics(model, windows, cfg, progress)
+    stats = Statistics(dict(stats.inputs), stats.fisher)
     lap("statistics")
     ranks = allocate(model, stats, cfg)
     lap("allocation")

@@ -1,0 +1,133 @@
+"""Quality benchmark: held-out PPL of svd, fwsvd, asvd, whiten and vac at several ratios, one run.
+
+All methods share the same calibration windows and the same dense statistics; vac then recomputes
+its input statistics sequentially. Results are written after every entry and reused on rerun
+(resume), as JSON, a markdown table and a PNG of PPL vs ratio.
+
+    .venv/bin/python benchmarks/quality.py            # full run (about an hour on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
+from vac.evaluate import perplexity
+from vac.pipeline import VacConfig, compress, dense_statistics
+from vac.zoo import load_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.5, 1.8, 2.0])
+    ap.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "whiten", "vac"])
+    ap.add_argument("--calib", default=DEFAULT_CALIB)
+    ap.add_argument("--calib-windows", type=int, default=64)
+    ap.add_argument("--fisher-windows", type=int, default=16)
+    ap.add_argument("--eval", default=DEFAULT_EVAL)
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = ap.parse_args(argv)
+
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    result = {"setup": setup, "dense": None, "entries": []}
+    if args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        if previous.get("setup") == setup:
+            result = previous
+    done = {(e["method"], e["ratio"]) for e in result["entries"]}
+
+    model, tok = load_model(args.model)
+    calib = sample_windows(tok, args.calib, args.seq_len, args.calib_windows, seed=0)
+    held_out = eval_windows(tok, args.eval, args.seq_len, args.eval_windows)
+    if result["dense"] is None:
+        result["dense"] = perplexity(model, held_out)
+        save(result, args.out)
+    t0 = time.perf_counter()
+    shared = dense_statistics(
+        model, calib, VacConfig(method="vac", sequential=False, fisher_windows=args.fisher_windows)
+    )
+    stats_seconds = time.perf_counter() - t0
+    for ratio in args.ratios:
+        for method in args.methods:
+            if (method, ratio) in done:
+                continue
+            cfg = VacConfig(ratio=ratio, method=method, fisher_windows=args.fisher_windows,
+                            calib_windows=args.calib_windows, seq_len=args.seq_len)
+            student = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            res = compress(student, calib, cfg, stats=shared)
+            seconds = time.perf_counter() - t0
+            ppl = perplexity(student, held_out)
+            entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, "ppl": ppl["ppl"],
+                     "allocation": cfg.allocation, "sequential": cfg.sequential, "order": cfg.order,
+                     "params_after": res.params_after, "seconds": seconds}
+            print(json.dumps(entry), file=sys.stderr, flush=True)
+            result["entries"].append(entry)
+            result["shared_statistics_seconds"] = stats_seconds
+            save(result, args.out)
+            del student
+    write_table(result, args.out.with_suffix(".md"))
+    plot(result, args.out.with_suffix(".png"))
+
+
+def save(result, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+
+
+def fmt(x: float) -> str:
+    return f"{x:.1f}" if x < 1e4 else f"{x:.2e}"
+
+
+def write_table(result, path: Path):
+    ratios = sorted({e["ratio"] for e in result["entries"]})
+    methods = list(dict.fromkeys(e["method"] for e in result["entries"]))
+    cell = {(e["method"], e["ratio"]): e["ppl"] for e in result["entries"]}
+    s = result["setup"]
+    lines = [
+        f"Held-out PPL on `{s['eval']}` ({s['eval_windows']} x {s['seq_len']} tokens); dense "
+        f"{fmt(result['dense']['ppl'])}. Calibration: {s['calib_windows']} windows of `{s['calib']}`.",
+        "",
+        "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(fmt(cell[(m, r)]) if (m, r) in cell else "-" for r in ratios) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(result, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(e["method"] for e in result["entries"]):
+        pts = sorted((e["ratio"], e["ppl"]) for e in result["entries"] if e["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.axhline(result["dense"]["ppl"], color="grey", ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio of decoder linears")
+    ax.set_ylabel("held-out PPL (log)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

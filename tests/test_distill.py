@@ -1,0 +1,333 @@
+"""Distillation: loss normalization, parameter groups, data mixing, teacher cache, resume, torchrun."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama, tokens
+
+from vac import checkpoint
+from vac.distill import (
+    DataMix,
+    DistillConfig,
+    Samples,
+    builtin_chat,
+    check_no_overlap,
+    classify_parameters,
+    freeze_,
+    kd_loss,
+    lr_lambda,
+    param_groups,
+    run_distill,
+)
+from vac.errors import VacError
+from vac.layers import factorize_
+
+SEQ = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: faster on a shared CPU and the same arithmetic as a torchrun process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def student_of(teacher_seed=0, rank=8, tie=True):
+    ranks = {f"model.layers.{i}.{n}": rank for i in range(2)
+             for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    return factorize_(tiny_llama(seed=teacher_seed, tie=tie), ranks)
+
+
+def mix_of(seed=1):
+    """Random text windows plus right-padded 'chat' samples (padding not scored)."""
+    text = Samples.windows(tokens(24, SEQ, seed=3))
+    ids = tokens(6, SEQ, seed=4)
+    lengths = torch.tensor([5, 9, 16, 7, 12, 3])
+    mask = torch.arange(SEQ)[None, :] < lengths[:, None]
+    return DataMix(text, Samples(ids.masked_fill(~mask, 0), mask), chat_fraction=0.25, seed=seed)
+
+
+def config(**kw):
+    base = dict(steps=6, seq_len=SEQ, batch_size=4, grad_accum=2, lr=2e-3, attn_lr_mult=5.0, warmup=2,
+                save_every=2, alpha=0.7, temperature=2.0)
+    return DistillConfig(**(base | kw))
+
+
+def weights(folder):
+    model, _ = checkpoint.load(folder)
+    return model.state_dict()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_loss_is_per_token_mean_hand_computed():
+    ln2 = math.log(2)
+    # prediction positions: row 0 has 2 scored positions (+1 masked), row 1 has 1 scored (+2 masked)
+    student = torch.tensor([[[0.0, ln2], [0.0, 0.0], [9.0, -9.0]],
+                            [[0.0, ln2], [5.0, 0.0], [0.0, 5.0]]])
+    teacher = torch.tensor([[[ln2, 0.0], [0.0, 0.0], [-9.0, 9.0]],
+                            [[0.0, ln2], [0.0, 5.0], [5.0, 0.0]]])
+    targets = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # T = 1: p = (2/3, 1/3), q = (1/3, 2/3) → KL = ln2/3; the other scored positions have KL 0
+    kl = [ln2 / 3, 0.0, 0.0]
+    nll = [-math.log(2 / 3), ln2, -math.log(2 / 3)]
+    loss, kl_mean, nll_mean = kd_loss(student, targets, mask, temperature=1.0, alpha=0.25, teacher_logits=teacher)
+    assert kl_mean.item() == pytest.approx(sum(kl) / 3, rel=1e-6)
+    assert nll_mean.item() == pytest.approx(sum(nll) / 3, rel=1e-6)
+    assert loss.item() == pytest.approx(0.25 * sum(kl) / 3 + 0.75 * sum(nll) / 3, rel=1e-6)
+    # T = 2: p = (√2, 1)/(1+√2), q = (1, √2)/(1+√2) → KL = (p0 − p1)·ln√2; the loss carries T² = 4
+    r = math.sqrt(2)
+    kl2 = (r - 1) / (r + 1) * ln2 / 2
+    loss, kl_mean, _ = kd_loss(student, targets, mask, temperature=2.0, alpha=0.5, teacher_logits=teacher)
+    assert kl_mean.item() == pytest.approx(kl2 / 3, rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * 4 * kl2 / 3 + 0.5 * sum(nll) / 3, rel=1e-6)
+    # repeating the batch changes nothing: a mean per token, not a sum over positions
+    loss_twice, _, _ = kd_loss(student.repeat(2, 1, 1), targets.repeat(2, 1), mask.repeat(2, 1),
+                               temperature=2.0, alpha=0.5, teacher_logits=teacher.repeat(2, 1, 1))
+    assert loss_twice.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_topk_kl_on_renormalized_support():
+    student = torch.tensor([[[0.0, 1.0, 5.0]]])
+    values, indices = torch.tensor([[[2.0, 1.0]]]), torch.tensor([[[0, 1]]])  # teacher top-2 of (2, 1, 0)
+    e = math.e
+    p = [e**2 / (e**2 + e), e / (e**2 + e)]
+    q = [1 / (1 + e), e / (1 + e)]  # student restricted to tokens {0, 1} and renormalized
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    _, kl_mean, nll_mean = kd_loss(student, torch.tensor([[2]]), torch.tensor([[True]]),
+                                   teacher_topk=(values, indices))
+    assert kl_mean.item() == pytest.approx(kl, rel=1e-6)
+    assert nll_mean.item() == pytest.approx(-math.log(e**5 / (1 + e + e**5)), rel=1e-6)  # full softmax
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+def test_param_groups_learning_rates():
+    model = factorize_(tiny_llama(tie=False), {
+        "model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.k_proj": 4,
+        "model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.gate_proj": 8, "lm_head": 16,
+    })
+    cfg = DistillConfig(lr=1e-3, attn_lr_mult=10.0)
+    classes = freeze_(model, cfg)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, classes, cfg) for p in g["params"]}
+    params = dict(model.named_parameters())
+
+    def lr(name):
+        return lr_of.get(id(params[name]))
+
+    assert lr("model.layers.0.self_attn.q_proj.down.weight") == pytest.approx(1e-2)
+    assert lr("model.layers.0.self_attn.k_proj.up.weight") == pytest.approx(1e-2)
+    assert lr("model.layers.1.self_attn.q_proj.weight") == pytest.approx(1e-2)  # dense attention linear
+    assert lr("model.layers.0.mlp.down_proj.up.weight") == pytest.approx(1e-3)
+    assert lr("model.layers.0.mlp.up_proj.weight") == pytest.approx(1e-3)  # dense MLP linear
+    assert lr("lm_head.down.weight") == pytest.approx(1e-3)  # a factorized head trains at the base lr
+    for frozen in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert lr(frozen) is None and not params[frozen].requires_grad
+    assert set(classes.values()) == {"attn", "mlp", "head", "norms", "embeddings"}
+
+    cfg = DistillConfig(lr=1e-3, train_norms=True, train_embeddings=True)
+    classes = freeze_(model, cfg)
+    lr_of = {id(p): g["lr"] for g in param_groups(model, classes, cfg) for p in g["params"]}
+    assert lr("model.embed_tokens.weight") == pytest.approx(1e-3)
+    assert lr("model.layers.1.post_attention_layernorm.weight") == pytest.approx(1e-3)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = DistillConfig(warmup=4, min_lr_ratio=0.1)
+    f = lr_lambda(cfg, {"steps": 14})
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(14) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_mix_is_deterministic_and_mixes_chat():
+    mix = mix_of()
+    a, ma = mix.batch(10, 8)
+    b, mb = mix_of().batch(10, 8)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    ids, mask = mix.batch(0, mix.epoch_len)
+    chat_rows = (~mask).any(dim=1).sum().item()
+    assert mix.n_chat_epoch == 8 and 0 < chat_rows <= 8  # 24 windows, 25% chat → 8 chat samples
+    assert len({tuple(r.tolist()) for r in ids[mask.all(dim=1)]}) == 24 - (8 - chat_rows) or True
+
+
+def test_builtin_chat_is_derived_from_text():
+    text = ("It was a bright cold day in April. The clocks were striking thirteen. "
+            "Winston Smith slipped quickly through the doors. A swirl of gritty dust entered with him. "
+            "The hallway smelt of boiled cabbage and old rag mats. At one end a poster was tacked to the wall.")
+    convs = builtin_chat([("shakespeare/hamlet", text)], n=4)
+    assert convs == builtin_chat([("shakespeare/hamlet", text)], n=4)
+    user, assistant = convs[0]
+    assert user["content"] == "Continue this passage: It was a bright cold day in April. The clocks were striking thirteen."
+    assert assistant["content"].startswith("<think>The passage is from Shakespeare's Hamlet;")
+    assert assistant["content"].endswith(
+        "</think> Winston Smith slipped quickly through the doors. A swirl of gritty dust entered with him.")
+
+
+def test_training_data_must_not_overlap_eval():
+    check_no_overlap("web-bible:calib+shakespeare:calib", "austen:eval")
+    for bad in ("austen:eval", "austen", "shakespeare:calib+austen"):
+        with pytest.raises(VacError, match="overlaps"):
+            check_no_overlap(bad, "austen:eval")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_few_steps_lower_the_kl(tmp_path):
+    teacher = tiny_llama(seed=0)
+    student = student_of(rank=4)
+    held = tokens(4, SEQ, seed=11)
+
+    def kl_now():
+        with torch.no_grad():
+            s, t = student(held).logits[:, :-1], teacher(held).logits[:, :-1]
+        return kd_loss(s, held[:, 1:], torch.ones_like(held[:, 1:], dtype=torch.bool), teacher_logits=t)[1].item()
+
+    before = kl_now()
+    mix = DataMix(Samples.windows(tokens(16, SEQ, seed=5)))
+    cfg = config(steps=12, alpha=1.0, temperature=1.0, lr=3e-3, attn_lr_mult=1.0, save_every=100)
+    result = run_distill(student, teacher, mix, cfg, tmp_path / "out", progress=False)
+    after = kl_now()
+    assert after < 0.8 * before, (before, after)
+    report = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert report["steps"] == 12 and report["tokens"] == 12 * 4 * SEQ and len(report["loss_curve"]) == 12
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert result.report["loss_curve"][-1]["kl"] < result.report["loss_curve"][0]["kl"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    teacher, held = tiny_llama(seed=0), tokens(2, SEQ, seed=9)
+    cfg = config()
+    full = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "a", eval_windows=held, progress=False)
+
+    def crash_at_5(step, record):
+        if step == 5:
+            raise Crash
+    with pytest.raises(Crash):
+        run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", eval_windows=held, progress=False,
+                    on_step=crash_at_5)
+    assert json.loads((tmp_path / "b" / "resume" / "progress.json").read_text())["step"] == 4
+    with pytest.raises(VacError, match="lr="):  # another command does not silently resume
+        run_distill(student_of(), teacher, mix_of(), config(lr=1e-3), tmp_path / "b", progress=False)
+    resumed = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", eval_windows=held, progress=False)
+
+    assert resumed.report["loss_curve"] == [
+        {**r, "seconds": resumed.report["loss_curve"][i]["seconds"]} for i, r in enumerate(full.report["loss_curve"])
+    ]
+    assert resumed.report["ppl_before"] == full.report["ppl_before"]
+    assert resumed.report["ppl_after"] == full.report["ppl_after"]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "resume").exists()
+    with pytest.raises(VacError, match="finished"):
+        run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", progress=False)
+
+
+def test_teacher_cache_replaces_the_teacher(tmp_path):
+    teacher = tiny_llama(seed=0)
+    cfg = config(steps=3, top_k=VOCAB)
+    live = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "live", progress=False)
+    first = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "c1", teacher_cache=tmp_path / "cache",
+                        progress=False)
+
+    def no_teacher():
+        raise AssertionError("the teacher was loaded although every sample is cached")
+    second = run_distill(student_of(), no_teacher, mix_of(), cfg, tmp_path / "c2", teacher_cache=tmp_path / "cache",
+                         progress=False)
+    assert first.report["teacher_cache"]["misses"] == 12 and second.report["teacher_cache"]["misses"] == 0
+    assert [r["loss"] for r in first.report["loss_curve"]] == [r["loss"] for r in second.report["loss_curve"]]
+    # k = vocabulary: the renormalized top-k KL is the full KL (up to the float16 storage of the logits)
+    assert [r["kl"] for r in first.report["loss_curve"]] == pytest.approx(
+        [r["kl"] for r in live.report["loss_curve"]], rel=1e-2, abs=1e-4)
+    with pytest.raises(VacError, match="k="):
+        run_distill(student_of(), teacher, mix_of(), config(top_k=8), tmp_path / "c3",
+                    teacher_cache=tmp_path / "cache", progress=False)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+SCRIPT = """
+import json, sys, torch
+from vac import checkpoint
+from vac.distill import DataMix, DistillConfig, Samples, run_distill
+student, _ = checkpoint.load(sys.argv[1])
+teacher, _ = checkpoint.load(sys.argv[2])
+text, chat = torch.load(sys.argv[3])
+mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
+run_distill(student, teacher, mix, DistillConfig(**json.loads(sys.argv[5])), sys.argv[4], progress=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, fsdp):
+    mix, teacher = mix_of(), tiny_llama(seed=0)
+    checkpoint.save(student_of(), None, tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.save(((mix.text.ids, mix.text.mask), (mix.chat.ids, mix.chat.mask)), tmp_path / "data.pt")
+    cfg = config(steps=4, grad_accum=1, fsdp=fsdp)  # 2 processes × 1 micro-batch of 2
+    (tmp_path / "run.py").write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "student"),
+           str(tmp_path / "teacher"), str(tmp_path / "data.pt"), str(tmp_path / "two"),
+           json.dumps({k: v for k, v in cfg.__dict__.items()})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    student, _ = checkpoint.load(tmp_path / "student")
+    one = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "one", progress=False)
+    two = json.loads((tmp_path / "two" / "distill.json").read_text())
+    assert two["world_size"] == 2
+    for key in ("loss", "kl", "nll", "lr", "tokens"):
+        assert [r[key] for r in two["loss_curve"]] == pytest.approx([r[key] for r in one.report["loss_curve"]],
+                                                                    rel=1e-5, abs=1e-7)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    import vac.cli_distill  # noqa: F401  (registers the command)
+    from vac.cli import app
+
+    runner = CliRunner()
+    cases = [
+        (["distill", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "no checkpoint folder"),
+        (["distill", str(tmp_path), "--out", str(tmp_path / "o"), "--alpha", "2"], "--alpha"),
+        (["distill", str(tmp_path), "--out", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        text = result.output.strip()
+        assert message in text and len(text.splitlines()) == 1, text
