@@ -41,3 +41,36 @@ def llama():
 @pytest.fixture
 def olmo3():
     return tiny_olmo3()
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (ids 2..VOCAB-1), <unk>=0, <eos>=1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {w: i + 2 for i, w in enumerate(WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+
+
+def word_text(n_words, seed=0):
+    """Deterministic text over ``WORDS`` with some local structure (a random walk)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(-3, 4, (n_words,), generator=g)
+    idx = (steps.cumsum(0) % len(WORDS)).tolist()
+    return " ".join(WORDS[i] for i in idx)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A dense tiny Llama saved with its tokenizer, plus calibration and evaluation text files."""
+    folder = tmp_path / "tiny"
+    tiny_llama(layers=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text(word_text(3000, seed=1))
+    (tmp_path / "eval.txt").write_text(word_text(1500, seed=2))
+    return folder

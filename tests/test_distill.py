@@ -39,10 +39,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def student_of(teacher_seed=0, rank=8, tie=True):
+def student_of(teacher_seed=0, rank=8, **kw):
+    """The teacher ``tiny_llama(teacher_seed, **kw)`` with q, o, up and down factorized by SVD."""
     ranks = {f"model.layers.{i}.{n}": rank for i in range(2)
              for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
-    return factorize_(tiny_llama(seed=teacher_seed, tie=tie), ranks)
+    return factorize_(tiny_llama(seed=teacher_seed, **kw), ranks)
 
 
 def mix_of(seed=1):
@@ -106,7 +107,7 @@ def test_topk_kl_on_renormalized_support():
     _, kl_mean, nll_mean = kd_loss(student, torch.tensor([[2]]), torch.tensor([[True]]),
                                    teacher_topk=(values, indices))
     assert kl_mean.item() == pytest.approx(kl, rel=1e-6)
-    assert nll_mean.item() == pytest.approx(-math.log(e**5 / (1 + e + e**5)), rel=1e-6)  # full softmax
+    assert nll_mean.item() == pytest.approx(-math.log(e**5 / (1 + e + e**5)), rel=1e-5)  # full softmax
 
 
 # ----------------------------------------------------------------------------- parameter groups
@@ -160,9 +161,10 @@ def test_mix_is_deterministic_and_mixes_chat():
     b, mb = mix_of().batch(10, 8)
     assert torch.equal(a, b) and torch.equal(ma, mb)
     ids, mask = mix.batch(0, mix.epoch_len)
-    chat_rows = (~mask).any(dim=1).sum().item()
-    assert mix.n_chat_epoch == 8 and 0 < chat_rows <= 8  # 24 windows, 25% chat → 8 chat samples
-    assert len({tuple(r.tolist()) for r in ids[mask.all(dim=1)]}) == 24 - (8 - chat_rows) or True
+    assert mix.n_chat_epoch == 8 and mix.epoch_len == 32  # 24 windows, 25% chat → 8 chat samples
+    rows = {tuple(r.tolist()) for r in ids}
+    assert all(tuple(w.tolist()) in rows for w in mix.text.ids)  # every window once per epoch
+    assert (~mask).any(dim=1).sum() == 7  # chats 0..7 mod 6; all but chat 2 (16 tokens) are padded
 
 
 def test_builtin_chat_is_derived_from_text():
@@ -189,8 +191,9 @@ def test_training_data_must_not_overlap_eval():
 
 
 def test_few_steps_lower_the_kl(tmp_path):
-    teacher = tiny_llama(seed=0)
-    student = student_of(rank=4)
+    peaked = dict(initializer_range=0.1)  # default-initialized tiny models are nearly uniform
+    teacher = tiny_llama(seed=0, **peaked)
+    student = student_of(rank=4, **peaked)
     held = tokens(4, SEQ, seed=11)
 
     def kl_now():
@@ -200,7 +203,7 @@ def test_few_steps_lower_the_kl(tmp_path):
 
     before = kl_now()
     mix = DataMix(Samples.windows(tokens(16, SEQ, seed=5)))
-    cfg = config(steps=12, alpha=1.0, temperature=1.0, lr=3e-3, attn_lr_mult=1.0, save_every=100)
+    cfg = config(steps=12, alpha=1.0, temperature=1.0, lr=1e-3, attn_lr_mult=10.0, save_every=100)
     result = run_distill(student, teacher, mix, cfg, tmp_path / "out", progress=False)
     after = kl_now()
     assert after < 0.8 * before, (before, after)
@@ -253,7 +256,8 @@ def test_teacher_cache_replaces_the_teacher(tmp_path):
         raise AssertionError("the teacher was loaded although every sample is cached")
     second = run_distill(student_of(), no_teacher, mix_of(), cfg, tmp_path / "c2", teacher_cache=tmp_path / "cache",
                          progress=False)
-    assert first.report["teacher_cache"]["misses"] == 12 and second.report["teacher_cache"]["misses"] == 0
+    assert first.report["teacher_cache"]["misses"] > 0
+    assert second.report["teacher_cache"] == {**second.report["teacher_cache"], "hits": 12, "misses": 0}
     assert [r["loss"] for r in first.report["loss_curve"]] == [r["loss"] for r in second.report["loss_curve"]]
     # k = vocabulary: the renormalized top-k KL is the full KL (up to the float16 storage of the logits)
     assert [r["kl"] for r in first.report["loss_curve"]] == pytest.approx(
@@ -269,11 +273,12 @@ SCRIPT = """
 import json, sys, torch
 from vac import checkpoint
 from vac.distill import DataMix, DistillConfig, Samples, run_distill
-student, _ = checkpoint.load(sys.argv[1])
-teacher, _ = checkpoint.load(sys.argv[2])
 text, chat = torch.load(sys.argv[3])
-mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
-run_distill(student, teacher, mix, DistillConfig(**json.loads(sys.argv[5])), sys.argv[4], progress=False)
+for out, cfg in json.loads(sys.argv[4]):  # one launch, several runs (process start-up is the slow part)
+    student, _ = checkpoint.load(sys.argv[1])
+    teacher, _ = checkpoint.load(sys.argv[2])
+    mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
+    run_distill(student, teacher, mix, DistillConfig(**cfg), out, progress=False)
 """
 
 
@@ -283,32 +288,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(tmp_path, fsdp):
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP and FSDP2 on 2 gloo processes (1 micro-batch of 2 each) = 1 process (2 micro-batches of 2)."""
     mix, teacher = mix_of(), tiny_llama(seed=0)
     checkpoint.save(student_of(), None, tmp_path / "student")
     teacher.save_pretrained(tmp_path / "teacher")
     torch.save(((mix.text.ids, mix.text.mask), (mix.chat.ids, mix.chat.mask)), tmp_path / "data.pt")
-    cfg = config(steps=4, grad_accum=1, fsdp=fsdp)  # 2 processes × 1 micro-batch of 2
+    runs = [(str(tmp_path / name), config(steps=4, grad_accum=1, fsdp=fsdp).__dict__)
+            for name, fsdp in (("ddp", False), ("fsdp", True))]
     (tmp_path / "run.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "student"),
-           str(tmp_path / "teacher"), str(tmp_path / "data.pt"), str(tmp_path / "two"),
-           json.dumps({k: v for k, v in cfg.__dict__.items()})]
+           str(tmp_path / "teacher"), str(tmp_path / "data.pt"), json.dumps(runs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     student, _ = checkpoint.load(tmp_path / "student")
     one = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "one", progress=False)
-    two = json.loads((tmp_path / "two" / "distill.json").read_text())
-    assert two["world_size"] == 2
-    for key in ("loss", "kl", "nll", "lr", "tokens"):
-        assert [r[key] for r in two["loss_curve"]] == pytest.approx([r[key] for r in one.report["loss_curve"]],
-                                                                    rel=1e-5, abs=1e-7)
-    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    reference = weights(tmp_path / "one")
+    for name in ("ddp", "fsdp"):
+        two = json.loads((tmp_path / name / "distill.json").read_text())
+        assert two["world_size"] == 2 and two["config"]["fsdp"] == (name == "fsdp")
+        for key in ("loss", "kl", "nll", "grad_norm", "lr", "tokens"):  # grad_norm: reductions scaled right
+            assert [r[key] for r in two["loss_curve"]] == pytest.approx(
+                [r[key] for r in one.report["loss_curve"]], rel=1e-5, abs=1e-7), (name, key)
+        trained = weights(tmp_path / name)
+        assert trained.keys() == reference.keys()
+        for k in reference:
+            torch.testing.assert_close(trained[k], reference[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -329,5 +336,5 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
-        text = result.output.strip()
-        assert message in text and len(text.splitlines()) == 1, text
+        text = " ".join(result.output.split())  # rich wraps at the terminal width
+        assert text.startswith("error:") and message in text and "Traceback" not in text, result.output

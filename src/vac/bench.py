@@ -59,9 +59,10 @@ def peak_rss_bytes() -> int:
 
 
 _LOAD_PROBE = r"""
-import gc, json, logging, os, sys, time
+import collections, gc, json, logging, os, sys, time
 logging.getLogger("torchao").setLevel(logging.ERROR)
-path, imports = sys.argv[1], json.loads(sys.argv[2])
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+path = os.path.realpath(sys.argv[1])
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -69,15 +70,31 @@ def status(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
 
-import torch, transformers
-for name in imports:
-    __import__(name)
+def smaps():  # resident bytes per mapping kind: the checkpoint's files, other files (code), anonymous
+    rss, name = collections.Counter(), None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and "-" in parts[0] and ":" in parts[3]:
+                file = parts[5] if len(parts) > 5 else ""
+                name = ("checkpoint" if file.startswith(path + "/") else
+                        "other_files" if file.startswith("/") else "anonymous")
+            elif parts and parts[0] == "Rss:":
+                rss[name] += int(parts[1]) * 1024
+    return rss
+
+import torch, transformers, transformers.modeling_utils
+try:  # transformers imports torchao (when installed) as it builds a model: not a cost of loading
+    import torchao, torchao.prototype.safetensors.safetensors_support
+    import transformers.integrations.torchao, transformers.quantizers.quantizer_torchao
+except ImportError:
+    pass
 from vac import checkpoint
 with torch.no_grad():  # page in the code of the ops used below, so it does not count as loading
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
         torch.ones(64, dtype=dtype).float().sum()
 gc.collect()
-baseline = status("VmRSS")
+baseline, maps_before = status("VmRSS"), smaps()
 try:  # reset the high-water mark to the current RSS, so import transients do not count
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -89,13 +106,22 @@ started = time.perf_counter()
 model, _ = checkpoint.load(path, dtype=None)
 seconds = time.perf_counter() - started
 loaded_peak = status("VmHWM")
+
+def touch(t):  # read a tensor once (the inner tensors of torchao's subclasses too)
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        for name in t.__tensor_flatten__()[0]:
+            touch(getattr(t, name))
+    elif t.numel():
+        t.sum()
+
 with torch.no_grad():  # read every weight once: mmap-backed tensors become resident too
     for t in list(model.parameters()) + list(model.buffers()):
-        t.float().sum() if t.dtype.is_floating_point else t.sum()
-peak = status("VmHWM")
-after = status("VmRSS")
+        touch(t.data if type(t) is torch.nn.Parameter else t)
+peak, after, maps_after = status("VmHWM"), status("VmRSS"), smaps()
 print(json.dumps({"baseline_rss": baseline, "hwm_before": before_hwm, "peak_rss_loaded": loaded_peak,
-                  "peak_rss": peak, "rss_after": after, "hwm_reset": reset, "load_seconds": seconds}))
+                  "peak_rss": peak, "rss_after": after, "hwm_reset": reset, "load_seconds": seconds,
+                  "growth_by_kind": {k: maps_after[k] - maps_before[k]
+                                     for k in ("checkpoint", "anonymous", "other_files")}}))
 """
 
 
@@ -110,12 +136,9 @@ def load_peak_rss(path, *, timeout: float = 600) -> dict:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise VacError(f"{path} is not a model folder (no config.json)")
-    config = json.loads((path / "config.json").read_text())
-    imports = ["torchao"] if "quantization_config" in config else []
-    env = dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_PROBE, str(path), json.dumps(imports)],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        [sys.executable, "-c", _LOAD_PROBE, str(path)],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

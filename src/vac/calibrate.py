@@ -66,8 +66,9 @@ class LayerStream:
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model.get_submodule(self.arch.embed)(batch)
 
-    def layer(self, i: int, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        out = self.layers[i](hidden, **self.layer_kwargs(batch)[i])
+    def layer(self, i: int, hidden: torch.Tensor, batch: torch.Tensor, module=None) -> torch.Tensor:
+        """Layer ``i`` (or ``module`` standing in for it) on one batch of hidden states."""
+        out = (module or self.layers[i])(hidden, **self.layer_kwargs(batch)[i])
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,9 @@ class InputStats:
     xtx: torch.Tensor  # [in, in] fp64, sum over tokens of x xᵀ
     abs_sum: torch.Tensor  # [in] fp64, sum over tokens of |x|
     tokens: int = 0
+    # [in, in] fp64, sum over tokens of x_dense x̃ᵀ: the same token's input in the dense model (x_dense)
+    # and in the partly compressed one (x̃ = x); set only by :func:`layer_pair_stats`
+    cross: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, dim: int) -> "InputStats":
@@ -103,6 +107,16 @@ class InputStats:
             self.xtx += (chunk.T @ chunk).double()
         self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
+
+    def add_pair(self, x: torch.Tensor, x_dense: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` together with the dense model's inputs for the same tokens."""
+        self.add(x)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x_dense = x_dense.reshape(-1, x_dense.shape[-1]).float()
+        if self.cross is None:
+            self.cross = torch.zeros_like(self.xtx)
+        for chunk, chunk_dense in zip(x.split(4096), x_dense.split(4096)):
+            self.cross += (chunk_dense.T @ chunk).double()
 
 
 @dataclass
@@ -143,6 +157,48 @@ def layer_input_stats(
         for handle in handles:
             handle.remove()
     return stats, outputs
+
+
+@torch.no_grad()
+def layer_pair_stats(
+    stream: LayerStream,
+    i: int,
+    hidden: list[torch.Tensor],
+    dense_hidden: list[torch.Tensor],
+    batches: list[torch.Tensor],
+) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """Input statistics of layer ``i`` (still dense) over inputs ``hidden`` that passed through
+    compressed layers, paired with the dense model's inputs ``dense_hidden`` of the same tokens (for
+    the cross term). Returns the statistics and the layer's outputs on ``dense_hidden``."""
+    arch, layer = stream.arch, stream.layers[i]
+    stats: dict[str, InputStats] = {}
+    captured: dict[str, torch.Tensor] = {}
+    mode = ["dense"]
+    handles = []
+    for group in arch.groups:
+        first = layer.get_submodule(group[0])
+        shared = InputStats.empty(first.in_features)
+        for name in group:
+            stats[f"{arch.layer_path(i)}.{name}"] = shared
+
+        def hook(_module, args, s=shared, key=group[0]):
+            if mode[0] == "dense":
+                captured[key] = args[0].detach()
+            else:
+                s.add_pair(args[0], captured.pop(key))
+
+        handles.append(first.register_forward_pre_hook(hook))
+    dense_outputs = []
+    try:
+        for h, hd, b in zip(hidden, dense_hidden, batches):
+            mode[0] = "dense"
+            dense_outputs.append(stream.layer(i, hd, b))
+            mode[0] = "compressed"
+            stream.layer(i, h, b)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, dense_outputs
 
 
 def _input_hooks(stream: LayerStream, inputs: dict[str, InputStats], active: list[bool]) -> list:

@@ -30,7 +30,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except VacError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -97,6 +97,8 @@ def compress(
     allocation: Optional[str] = typer.Option(None, help="global (knapsack) | uniform [default: global for vac]"),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential",
                                               help="statistics from compressed earlier layers [default: vac only]"),
+    correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",
+                                           help="sequential: fit the dense outputs from compressed inputs [default: vac]"),
     order: str = typer.Option("middle-out", help="middle-out | front-to-back | back-to-front | 3,2,1,0"),
     fisher_exponent: float = typer.Option(1 / 3, help="tempering exponent of the Fisher weights"),
     attn_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the attention linears"),
@@ -119,7 +121,7 @@ def compress(
     from . import checkpoint
     from .arch import arch_for
     from .data import sample_windows
-    from .pipeline import VacConfig
+    from .pipeline import VacConfig, check_budget
     from .pipeline import compress as run_compress
     from .report import heatmap, rank_grid, rank_table, summary_table
     from .zoo import load_model, resolve_model
@@ -130,7 +132,7 @@ def compress(
     if out_dir.exists() and not overwrite:
         raise VacError(f"output folder {out_dir} already exists (pass --overwrite to replace it)")
     cfg = VacConfig(
-        ratio=ratio, method=method, allocation=allocation, sequential=sequential,
+        ratio=ratio, method=method, allocation=allocation, sequential=sequential, correct=correct,
         order=order if not order.replace(",", "").isdigit() else [int(x) for x in order.split(",")],
         fisher_exponent=fisher_exponent, attn_ratio=attn_ratio, mlp_ratio=mlp_ratio,
         rank_step=rank_step, rank_floor=rank_floor, calib=calib, calib_windows=calib_windows,
@@ -142,6 +144,7 @@ def compress(
     arch = arch_for(net)
     if tok is None:
         raise VacError(f"{model} has no tokenizer")
+    check_budget(net, cfg)
     windows = sample_windows(tok, calib, seq_len, calib_windows, seed)
     before = measured_ppl(net, tok, source, eval_data, seq_len, eval_windows, cache=True) if eval_data else None
     shapes = {n: tuple(m.weight.shape) for n, m in net.named_modules() if hasattr(m, "weight")

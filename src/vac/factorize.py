@@ -43,11 +43,16 @@ class Weighting:
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
     ridge: float = 0.0
+    # [in, in]: when set, the matrix decomposed is Dₗ W ``target`` instead of Dₗ W R (see
+    # :func:`weighting`: the least-squares fit of dense outputs from compressed inputs)
+    target: torch.Tensor | None = None
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         a = weight.double()
         if self.left is not None:
             a = self.left[:, None] * a
+        if self.target is not None:
+            return a @ self.target
         if self.right is not None:
             a = a * self.right[None, :] if self.right.dim() == 1 else a @ self.right
         return a
@@ -83,11 +88,17 @@ def weighting(
         scale = (inputs.abs_sum / max(inputs.tokens, 1)).clamp_min(1e-6)
         return Weighting(right=_normalized(scale).pow(asvd_alpha))
     if method in ("whiten", "vac"):
-        chol, ridge = cholesky_adaptive(inputs.xtx / max(inputs.tokens, 1))
+        n = max(inputs.tokens, 1)
+        chol, ridge = cholesky_adaptive(inputs.xtx / n)
         left = None
         if method == "vac":
             left = output_sensitivity(inputs, fisher).pow(fisher_exponent / 2)
-        return Weighting(left=left, right=chol, ridge=ridge)
+        target = None
+        if inputs.cross is not None:
+            # ‖W X_dense − W′ X̃‖² = const + ‖(W* − W′) L‖² with W* = W M C⁻¹ (M cross term, C = L Lᵀ
+            # of the compressed inputs X̃): decompose W* L = W M L⁻ᵀ.
+            target = torch.linalg.solve_triangular(chol, (inputs.cross / n).T, upper=False).T
+        return Weighting(left=left, right=chol, ridge=ridge, target=target)
     raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
 
 

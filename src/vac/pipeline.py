@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
 from .arch import arch_for
-from .calibrate import LayerStream, Statistics, fisher_stats, layer_input_stats
+from .calibrate import LayerStream, Statistics, fisher_stats, layer_input_stats, layer_pair_stats
 from .data import DEFAULT_CALIB
 from .errors import VacError
 from .factorize import METHODS, decompose, tail_energy, weighting
@@ -28,6 +29,7 @@ class VacConfig:
     method: str = "vac"
     allocation: str | None = None  # "global" (knapsack) | "uniform"; default: global for vac
     sequential: bool | None = None  # statistics from compressed earlier layers; default: vac only
+    correct: bool | None = None  # sequential: fit dense outputs from compressed inputs; default: vac
     order: str | list[int] = "middle-out"
     fisher_exponent: float = 1 / 3
     attn_ratio: float | None = None  # per-component budgets (the other component gets the rest)
@@ -57,6 +59,10 @@ class VacConfig:
             raise VacError(f"unknown allocation '{self.allocation}'; choose global or uniform")
         if self.sequential is None:
             self.sequential = self.method == "vac"
+        if self.correct is None:
+            self.correct = self.method == "vac" and self.sequential
+        if self.correct and not (self.sequential and self.method in ("whiten", "vac")):
+            raise VacError("--correct needs --sequential and a whitening method (whiten or vac)")
 
     @property
     def needs_fisher(self) -> bool:
@@ -145,6 +151,22 @@ def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
         _, s, _ = decompose(model.get_submodule(m.path).weight, w)
         m.curve = tail_energy(s)
     return _component_knapsacks(model, matrices, cfg)
+
+
+def check_budget(model, cfg: VacConfig) -> None:
+    """Raise a one-line VacError now if ``cfg`` cannot be met on this model (before any work)."""
+    matrices = matrices_of(model)
+    if cfg.allocation == "uniform":
+        allocate(model, Statistics(), cfg)
+        return
+    floor = sum(min(m.params(r) for r in m.choices(cfg.rank_step, cfg.rank_floor)) for m in matrices)
+    budget = sum(m.dense_params for m in matrices) / cfg.ratio
+    if floor > budget:
+        raise VacError(
+            f"ratio {cfg.ratio:g} is too large: even rank {cfg.rank_floor} everywhere needs "
+            f"{floor:,} parameters, the budget is {int(budget):,}"
+        )
+    _component_ratios(model, matrices, cfg)
 
 
 def _component_ratios(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, float]:
@@ -238,23 +260,44 @@ def compress(
     return Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
 
 
+def _advance(stream, cache: dict, i: int, batches, module_of) -> list[torch.Tensor]:
+    """Hidden states entering layer ``i``, from the nearest cached boundary below; caches them."""
+    start = max(b for b in cache if b <= i)
+    hidden = cache[start]
+    with torch.no_grad():
+        for j in range(start, i):
+            hidden = [stream.layer(j, h, b, module_of(j)) for h, b in zip(hidden, batches)]
+    cache[i] = hidden
+    return hidden
+
+
 def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
     """Factorize layers in ``order``, each from input statistics of windows that passed through the
-    layers below it in their current (partly compressed) state. Boundary hidden states are cached
-    and invalidated above each layer that changes."""
+    layers below it in their current (partly compressed) state.
+
+    With ``cfg.correct`` the same windows also pass through the original dense layers, and each
+    matrix is fitted to reproduce its dense outputs from its compressed inputs (the cross term of
+    :class:`InputStats`), so errors of earlier layers are corrected, not only tolerated.
+    Boundary hidden states are cached; compressed ones are dropped above each layer that changes."""
     batches = list(windows.split(cfg.batch_size))
     with torch.no_grad():
-        cache = {0: [stream.embed(b) for b in batches]}
-    for i in tqdm(order, desc=f"factorize ({cfg.method}, sequential)", unit="layer", disable=not progress):
-        start = max(b for b in cache if b <= i)
-        hidden = cache[start]
-        with torch.no_grad():
-            for j in range(start, i):
-                hidden = [stream.layer(j, h, b) for h, b in zip(hidden, batches)]
-        cache = {b: h for b, h in cache.items() if b <= i}
-        cache[i] = hidden
-        layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
-        for path, s in layer_stats.items():
-            stats.inputs[path] = s if cfg.needs_inputs else stats.inputs.get(path)
+        embedded = [stream.embed(b) for b in batches]
+    compressed, dense, originals = {0: embedded}, {0: embedded}, {}
+    remaining = list(order)
+    bar = tqdm(order, desc=f"factorize ({cfg.method}, sequential)", unit="layer", disable=not progress)
+    for i in bar:
+        remaining.remove(i)
+        hidden = _advance(stream, compressed, i, batches, lambda j: None)
+        if cfg.correct:
+            dense_hidden = _advance(stream, dense, i, batches, lambda j: originals.get(j))
+            layer_stats, dense[i + 1] = layer_pair_stats(stream, i, hidden, dense_hidden, batches)
+        else:
+            layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
+        stats.inputs.update(layer_stats)
+        if cfg.correct and any(j > i for j in remaining):
+            originals[i] = copy.deepcopy(stream.layers[i])
         factorize_layer(model, i, ranks, stats, cfg)
-        cache = {b: h for b, h in cache.items() if b <= i}
+        top = max(remaining, default=-1)
+        compressed = {b: h for b, h in compressed.items() if b <= min(i, top)}
+        dense = {b: h for b, h in dense.items() if b <= top}
+        originals = {j: m for j, m in originals.items() if j < top}

@@ -1,0 +1,125 @@
+"""Recovery benchmark: the embedded default compressed at 1.8x, then distilled from its dense self.
+
+1. compress: ``vac compress smollm2-135m --ratio 1.8`` into the work folder (skipped with ``--student DIR``
+   or when the work folder already holds it);
+2. distill: ``vac distill`` from the dense model for at most ``--minutes`` of training (the cosine
+   schedule is fitted to that budget after 5 steps); rerunning this script resumes it;
+3. writes ``benchmarks/results/recovery.json``: dense_ppl, compressed_ppl, recovered_ppl (one protocol:
+   the first ``--eval-windows`` non-overlapping ``--eval-seq-len``-token windows of ``austen:eval``, every
+   shifted token scored, use_cache=False), minutes (training time), tokens (trained tokens).
+
+    .venv/bin/python benchmarks/recovery.py                      # full run: 60 training minutes
+    .venv/bin/python benchmarks/recovery.py --minutes 2 ...      # a quick end-to-end check
+
+Options not listed below are passed on to ``vac distill`` (e.g. ``--lr 5e-5 --alpha 0.7``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd)
+    if proc.returncode:
+        sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}")
+
+
+def main(argv=None):
+    from vac.zoo import vac_home
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="dense teacher (and model to compress)")
+    ap.add_argument("--ratio", type=float, default=1.8)
+    ap.add_argument("--student", type=Path, help="reuse this compressed checkpoint folder")
+    ap.add_argument("--compress-args", default="", help="extra options of vac compress, one string")
+    ap.add_argument("--minutes", type=float, default=60.0, help="training time budget of the distillation")
+    ap.add_argument("--max-steps", type=int, default=100_000, help="upper bound on the steps")
+    ap.add_argument("--eval", default="austen:eval")
+    ap.add_argument("--eval-windows", type=int, default=40)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--work", type=Path, default=None, help="folder of the checkpoints [~/.cache/vac/bench/recovery]")
+    ap.add_argument("--results", type=Path, default=RESULTS / "recovery.json")
+    args, distill_args = ap.parse_known_args(argv)
+    work = args.work or vac_home() / "bench" / "recovery"
+    py = sys.executable
+    started = time.perf_counter()
+
+    student = args.student
+    if student is None:
+        student = work / f"compressed-{args.ratio:g}x"
+        if not (student / "config.json").is_file():
+            run([py, "-m", "vac.cli", "compress", args.model, "--ratio", str(args.ratio), "--out", str(student),
+                 "--eval", "", "--overwrite", *shlex.split(args.compress_args)])
+    elif not (student / "config.json").is_file():
+        sys.exit(f"error: no checkpoint folder at {student}")
+
+    distilled = work / f"{student.name}-distilled"
+    eval_opts = ["--eval", args.eval, "--eval-windows", str(args.eval_windows),
+                 "--eval-seq-len", str(args.eval_seq_len)]
+    distill_cmd = [py, "-m", "vac.cli_distill", "distill", str(student), "--teacher", args.model,
+                   "--out", str(distilled), "--max-minutes", str(args.minutes), "--steps", str(args.max_steps),
+                   *eval_opts, *distill_args]
+    if not (distilled / "distill.json").is_file():
+        run(distill_cmd)
+    report = json.loads((distilled / "distill.json").read_text())
+
+    dense = dense_ppl(args)
+    result = {
+        "dense_ppl": dense["ppl"],
+        "compressed_ppl": report["ppl_before"]["ppl"],
+        "recovered_ppl": report["ppl_after"]["ppl"],
+        "minutes": report["minutes"],
+        "tokens": report["tokens"],
+        "steps": report["steps"],
+        "protocol": f"{args.eval_windows} non-overlapping windows of {args.eval_seq_len} tokens of {args.eval}, "
+                    "all shifted tokens scored, use_cache=False",
+        "model": args.model,
+        "ratio": args.ratio,
+        "student": str(student),
+        "distilled": str(distilled),
+        "distill_config": report["config"],
+        "data": report.get("data"),
+        "mix": report.get("mix"),
+        "tokens_per_second": report.get("tokens_per_second"),
+        "torch_threads": _threads(),
+        "command": shlex.join([py, *sys.argv]) if argv is None else shlex.join(["benchmarks/recovery.py", *argv]),
+        "distill_command": shlex.join(distill_cmd),
+        "wall_minutes_this_invocation": (time.perf_counter() - started) / 60,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.results)
+    print(json.dumps({k: result[k] for k in ("dense_ppl", "compressed_ppl", "recovered_ppl", "minutes", "tokens")},
+                     indent=1))
+
+
+def dense_ppl(args) -> dict:
+    """PPL of the dense model under the same protocol (cached on disk per model folder)."""
+    from vac.cli import measured_ppl
+    from vac.zoo import load_model, resolve_model
+
+    model, tok = load_model(args.model)
+    return measured_ppl(model, tok, resolve_model(args.model), args.eval, args.eval_seq_len, args.eval_windows,
+                        cache=True)
+
+
+def _threads() -> int:
+    import torch
+
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
