@@ -53,14 +53,14 @@ class Scripted(LlamaForCausalLM):
 
     script: list[int] = []
 
-    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, **kwargs):
         if input_ids.shape[1] > 1 or not hasattr(self, "step"):
             self.step = 0  # prefill of a new prompt
         token = self.script[self.step] if self.step < len(self.script) else 3  # <|im_end|>
         self.step += 1
         logits = torch.full((*input_ids.shape, self.config.vocab_size), -1e4)
         logits[..., token] = 1e4
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=logits)
 
 
 def scripted(tok, text):

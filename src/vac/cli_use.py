@@ -125,7 +125,7 @@ class _ReplyView:
     def __init__(self, hide_think: bool):
         self.hide = hide_think
         self.started = None
-        self.words = 0
+        self.thought: list[str] = []
         self.answering = False
         self.status = None
 
@@ -139,7 +139,7 @@ class _ReplyView:
             out.print("[dim]thinking ›[/dim] ", end="")
 
     def think(self, piece: str):
-        self.words += len(piece.split())
+        self.thought.append(piece)
         if not self.hide:
             out.print(piece, style="dim italic", end="", markup=False, soft_wrap=True)
 
@@ -147,7 +147,7 @@ class _ReplyView:
         self.stop()
         took = time.perf_counter() - (self.started or time.perf_counter())
         if self.hide:
-            out.print(f"[dim]▸ thought for {took:.1f} s (~{self.words} words)[/dim]")
+            out.print(f"[dim]▸ thought for {took:.1f} s ({len(''.join(self.thought).split())} words)[/dim]")
         else:
             out.print()
 

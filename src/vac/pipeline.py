@@ -32,6 +32,7 @@ class VacConfig:
     correct: bool | None = None  # sequential: fit dense outputs from compressed inputs; default: vac
     order: str | list[int] = "middle-out"
     fisher_exponent: float = 1 / 3
+    type_weights: dict[str, float] | None = None  # curve multipliers per matrix type (q, k, ..., down)
     attn_ratio: float | None = None  # per-component budgets (the other component gets the rest)
     mlp_ratio: float | None = None
     rank_step: int = 8
@@ -137,10 +138,9 @@ def dense_statistics(model, windows: torch.Tensor, cfg: VacConfig, progress=True
 def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
     """The rank map for ``cfg``: uniform, or the knapsack over the method's error curves, with
     optional per-component budgets."""
-    matrices = matrices_of(model)
+    matrices, arch = matrices_of(model), arch_for(model)
     if cfg.allocation == "uniform":
         ratios = _component_ratios(model, matrices, cfg)
-        arch = arch_for(model)
         ranks = {}
         for comp, ratio in ratios.items():
             ranks.update(uniform_ranks([m for m in matrices if arch.component(m.path) == comp], ratio))
@@ -149,7 +149,7 @@ def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
         w = weighting(cfg.method, stats.inputs.get(m.path), stats.fisher.get(m.path),
                       cfg.fisher_exponent, cfg.asvd_alpha)
         _, s, _ = decompose(model.get_submodule(m.path).weight, w)
-        m.curve = tail_energy(s)
+        m.curve = tail_energy(s) * (cfg.type_weights or {}).get(arch.kind(m.path), 1.0)
     return _component_knapsacks(model, matrices, cfg)
 
 
