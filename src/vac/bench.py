@@ -151,3 +151,189 @@ def load_peak_rss(path, *, timeout: float = 600) -> dict:
     result["weights_bytes"] = size
     result["ratio"] = result["increase_bytes"] / size if size else float("nan")
     return result
+
+
+# ----------------------------------------------------------------------------------------- counting
+
+
+def linear_macs(model) -> int:
+    """Multiply-accumulates per token of every weight matrix applied to each token: all nn.Linear
+    modules (attention, MLP, the factors of LowRankLinear, the LM head even when tied to the
+    embeddings). Embedding lookups, norms and attention scores are not counted."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+    return total
+
+
+def param_count(model) -> int:
+    """Distinct parameters (tied ones once); int8 tensors count their elements."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = id(p)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def _rss_bytes() -> int:
+    try:
+        return _proc_status_kb("VmRSS") * 1024
+    except (OSError, KeyError):
+        return 0
+
+
+def _touch(t: torch.Tensor) -> None:
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        for name in t.__tensor_flatten__()[0]:
+            _touch(getattr(t, name))
+    elif t.numel():
+        t.sum()
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _generate(model, ids, n: int):
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        use_cache=True, pad_token_id=0, eos_token_id=None,
+    )
+
+
+DECODE_PROMPT = 8  # decode is measured llama-bench style: a short prompt, then tg<decode_tokens>
+
+
+def bench(
+    ckpt_dir,
+    baseline: str | None = None,
+    int8_dir=None,
+    *,
+    prompt_len: int = 512,
+    decode_tokens: int = 64,
+    repeats: int = 3,
+    threads: int | None = None,
+    load_rss: bool = True,
+    log=None,
+) -> dict:
+    """Dense ``baseline`` vs the vac checkpoint ``ckpt_dir`` (vs its int8 copy ``int8_dir``) in one
+    process, fp32 activations, batch 1; see the module docstring for the protocol. Returns one dict
+    with ``decode_speedup``, ``prefill_speedup``, ``flops_ratio``, ``threads`` and every raw number."""
+    from . import checkpoint
+    from .quantize import quiet_torchao
+    from .zoo import load_model, resolve_model
+
+    quiet_torchao()
+    log = log or (lambda _msg: None)
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "config.json").is_file():
+        raise VacError(f"{ckpt_dir} is not a model folder (no config.json)")
+    if baseline is None:
+        report = ckpt_dir / "report.json"
+        if report.is_file():
+            baseline = json.loads(report.read_text()).get("model")
+        if not baseline:
+            raise VacError(f"{ckpt_dir} has no report.json naming its dense model: pass --baseline MODEL")
+    if prompt_len < 1 or decode_tokens < 2 or repeats < 1:
+        raise VacError("need --prompt-len >= 1, --decode-tokens >= 2 and --repeats >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise VacError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+
+    sources = {"dense": resolve_model(baseline), "vac": str(ckpt_dir)}
+    if int8_dir is not None:
+        sources["int8"] = str(int8_dir)
+    models, results = {}, {}
+    for name, source in sources.items():
+        log(f"loading {name}: {source}")
+        before = _rss_bytes()
+        if name == "dense":
+            model, _ = load_model(baseline)
+        else:
+            model, _ = checkpoint.load(source, dtype=torch.float32)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                _touch(t.data if type(t) is nn.Parameter else t)
+        folder = Path(source) if Path(source).is_dir() else None
+        results[name] = {
+            "source": source,
+            "params": param_count(model),
+            "linear_macs_per_token": linear_macs(model),
+            "disk_bytes": weights_bytes(folder) if folder else None,
+            "resident_bytes": _rss_bytes() - before,
+            "quantized": getattr(model.config, "quantization_config", None) is not None,
+        }
+        if load_rss and folder is not None:
+            log(f"measuring the load of {name} in a fresh process")
+            probe = load_peak_rss(folder)
+            results[name]["load_peak_rss_increase_bytes"] = probe["increase_bytes"]
+            results[name]["load_rss_ratio"] = probe["ratio"]
+        models[name] = model
+    vocab = min(int(m.config.vocab_size) for m in models.values())
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=gen)
+    short = prompt[:, :DECODE_PROMPT]
+
+    names = list(models)
+    times = {n: {"prefill": [], "gen1": [], "genN": []} for n in names}
+    with torch.inference_mode():
+        for rnd in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches)
+            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            for name in order:
+                model = models[name]
+                t_pre = _timed(lambda: model(prompt, use_cache=False))
+                t_1 = _timed(lambda: _generate(model, short, 1))
+                t_n = _timed(lambda: _generate(model, short, decode_tokens))
+                if rnd:
+                    times[name]["prefill"].append(t_pre)
+                    times[name]["gen1"].append(t_1)
+                    times[name]["genN"].append(t_n)
+            log(f"round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
+    for name in names:
+        t = times[name]
+        prefill_s = min(t["prefill"])
+        decode_s = min(t["genN"]) - min(t["gen1"])  # generate's fixed costs and the prompt cancel out
+        results[name].update({
+            "prefill_seconds": prefill_s,
+            "prefill_tokens_per_s": prompt_len / prefill_s,
+            "decode_seconds": decode_s,
+            "decode_tokens_per_s": (decode_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
+            "raw_seconds": t,
+        })
+    dense, vac = results["dense"], results["vac"]
+    out = {
+        "baseline": baseline,
+        "checkpoint": str(ckpt_dir),
+        "int8": str(int8_dir) if int8_dir is not None else None,
+        "threads": threads,
+        "dtype": "float32 activations",
+        "prompt_len": prompt_len,
+        "decode_tokens": decode_tokens,
+        "decode_prompt_len": DECODE_PROMPT,
+        "repeats": repeats,
+        "prefill_speedup": vac["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+        "decode_speedup": vac["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+        "flops_ratio": dense["linear_macs_per_token"] / vac["linear_macs_per_token"],
+        "models": results,
+        "process_peak_rss_bytes": peak_rss_bytes(),
+        "torch": torch.__version__,
+        "protocol": (f"batch 1; prefill = one forward of {prompt_len} tokens, use_cache=False; decode = greedy "
+                     f"generate with KV cache after a {DECODE_PROMPT}-token prompt, (tg{decode_tokens} - tg1) "
+                     f"time for {decode_tokens - 1} tokens; models alternate, best of {repeats} rounds after "
+                     f"one warm-up; {threads} threads"),
+    }
+    if "int8" in results:
+        q = results["int8"]
+        out["int8_prefill_speedup"] = q["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
+        out["int8_decode_speedup"] = q["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    return out

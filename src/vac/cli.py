@@ -187,6 +187,10 @@ def compress(
     ]))
 
 
+# commands defined in their own modules register themselves on `app`
+from . import cli_use  # noqa: E402,F401  (chat, card, lm-eval)
+
+
 def main():
     app()
 

@@ -217,6 +217,6 @@ def lm_eval_cmd(
         return
     rows = [(f"{task} {metric}", f"{value:.4f}") for task, metrics in result["tasks"].items()
             for metric, value in metrics.items()]
-    if result.get("protocol"):
-        rows.append(("protocol", result["protocol"]))
     out.print(summary_table(f"lm-eval on {model}", rows))
+    if result.get("protocol"):
+        out.print(f"[dim]protocol: {result['protocol']}[/dim]")

@@ -735,7 +735,7 @@ def run_distill(
         seconds += time.perf_counter() - t0
         tokens += int(sums[2])
         scored += n_scored
-        kl_mean, nll_mean = float(sums[0]) / n_scored, float(sums[1]) / n_scored
+        kl_mean, nll_mean = float(sums[0]) / max(n_scored, 1), float(sums[1]) / max(n_scored, 1)
         record = {
             "step": step, "loss": cfg.alpha * cfg.temperature**2 * kl_mean + (1 - cfg.alpha) * nll_mean,
             "kl": kl_mean, "nll": nll_mean, "lr": optimizer.param_groups[base]["lr"],

@@ -271,6 +271,11 @@ def _advance(stream, cache: dict, i: int, batches, module_of) -> list[torch.Tens
     return hidden
 
 
+def _starts(cache: dict, remaining: list[int]) -> dict[int, int]:
+    """For each layer still to do, the cached boundary its inputs would be computed from."""
+    return {j: max(b for b in cache if b <= j) for j in remaining}
+
+
 def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
     """Factorize layers in ``order``, each from input statistics of windows that passed through the
     layers below it in their current (partly compressed) state.
@@ -278,7 +283,9 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
     With ``cfg.correct`` the same windows also pass through the original dense layers, and each
     matrix is fitted to reproduce its dense outputs from its compressed inputs (the cross term of
     :class:`InputStats`), so errors of earlier layers are corrected, not only tolerated.
-    Boundary hidden states are cached; compressed ones are dropped above each layer that changes."""
+    Boundary hidden states are cached while a later layer can start from them; compressed ones are
+    dropped above each layer that changes. Front-to-back needs one cached boundary per stream;
+    other orders recompute from the nearest valid boundary."""
     batches = list(windows.split(cfg.batch_size))
     with torch.no_grad():
         embedded = [stream.embed(b) for b in batches]
@@ -291,13 +298,15 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
         if cfg.correct:
             dense_hidden = _advance(stream, dense, i, batches, lambda j: originals.get(j))
             layer_stats, dense[i + 1] = layer_pair_stats(stream, i, hidden, dense_hidden, batches)
+            starts = _starts(dense, remaining)
+            dense = {b: h for b, h in dense.items() if b in starts.values()}
+            originals[i] = stream.layers[i]
+            # keep the dense original of a layer while a later dense pass goes through it
+            originals = {k: copy.deepcopy(m) if k == i else m for k, m in originals.items()
+                         if any(s <= k < j for j, s in starts.items())}
         else:
             layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
         stats.inputs.update(layer_stats)
-        if cfg.correct and any(j > i for j in remaining):
-            originals[i] = copy.deepcopy(stream.layers[i])
         factorize_layer(model, i, ranks, stats, cfg)
-        top = max(remaining, default=-1)
-        compressed = {b: h for b, h in compressed.items() if b <= min(i, top)}
-        dense = {b: h for b, h in dense.items() if b <= top}
-        originals = {j: m for j, m in originals.items() if j < top}
+        valid = {b: h for b, h in compressed.items() if b <= i}
+        compressed = {b: h for b, h in valid.items() if b in _starts(valid, remaining).values()}
