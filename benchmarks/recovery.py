@@ -36,7 +36,7 @@ def run(cmd: list[str]) -> None:
 
 
 def main(argv=None):
-    from vac.zoo import vac_home
+    from vac.corpora import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="dense teacher (and model to compress)")
@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=None, help="folder of the checkpoints [~/.cache/vac/bench/recovery]")
     ap.add_argument("--results", type=Path, default=RESULTS / "recovery.json")
     args, distill_args = ap.parse_known_args(argv)
-    work = args.work or vac_home() / "bench" / "recovery"
+    work = args.work or cache_dir() / "bench" / "recovery"
     py = sys.executable
     started = time.perf_counter()
 

@@ -99,7 +99,7 @@ def compress(
                                               help="statistics from compressed earlier layers [default: vac only]"),
     correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",
                                            help="sequential: fit the dense outputs from compressed inputs [default: vac]"),
-    order: str = typer.Option("middle-out", help="middle-out | front-to-back | back-to-front | 3,2,1,0"),
+    order: str = typer.Option("front-to-back", help="front-to-back | middle-out | back-to-front | 3,2,1,0"),
     fisher_exponent: float = typer.Option(1 / 3, help="tempering exponent of the Fisher weights"),
     attn_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the attention linears"),
     mlp_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the MLP linears"),

