@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vac.corpora import cache_dir
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
 from vac.evaluate import perplexity
 from vac.pipeline import VacConfig, compress, dense_statistics
@@ -41,6 +43,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+    setup["ratios"], setup["methods"] = sorted(setup["ratios"]), sorted(setup["methods"])
     result = {"setup": setup, "dense": None, "entries": []}
     if args.out.is_file():
         previous = json.loads(args.out.read_text())
@@ -55,9 +58,19 @@ def main(argv=None):
         result["dense"] = perplexity(model, held_out)
         save(result, args.out)
     t0 = time.perf_counter()
-    shared = dense_statistics(
-        model, calib, VacConfig(method="vac", sequential=False, fisher_windows=args.fisher_windows)
+    cached = cache_dir() / "stats" / (
+        hashlib.sha256(json.dumps([setup[k] for k in ("model", "calib", "calib_windows", "fisher_windows",
+                                                      "seq_len")]).encode()).hexdigest()[:20] + ".pt"
     )
+    if cached.is_file():
+        shared = torch.load(cached, weights_only=False)
+    else:
+        shared = dense_statistics(
+            model, calib, VacConfig(method="vac", sequential=False, fisher_windows=args.fisher_windows)
+        )
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(shared, cached.with_suffix(".tmp"))
+        cached.with_suffix(".tmp").replace(cached)
     stats_seconds = time.perf_counter() - t0
     for ratio in args.ratios:
         for method in args.methods:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama, tokens
+from conftest import VOCAB, tiny_llama, tiny_tokenizer, tokens
 
 from vac import checkpoint
 from vac.distill import (
@@ -17,11 +17,12 @@ from vac.distill import (
     Samples,
     builtin_chat,
     check_no_overlap,
-    classify_parameters,
     freeze_,
     kd_loss,
     lr_lambda,
     param_groups,
+    read_chat_jsonl,
+    render_chat,
     run_distill,
 )
 from vac.errors import VacError
@@ -178,6 +179,24 @@ def test_builtin_chat_is_derived_from_text():
     assert assistant["content"].startswith("<think>The passage is from Shakespeare's Hamlet;")
     assert assistant["content"].endswith(
         "</think> Winston Smith slipped quickly through the doors. A swirl of gritty dust entered with him.")
+
+
+def test_chat_jsonl_rendered_with_the_template(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]}\n'
+                    '\n{"messages": [{"role": "user", "content": "w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16"}]}\n')
+    convs = read_chat_jsonl(path)
+    tok = tiny_tokenizer()
+    with pytest.raises(VacError, match="chat template"):
+        render_chat(tok, convs, SEQ)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} <eos> {% endfor %}"
+    samples = render_chat(tok, convs, 8)
+    assert samples.ids[0].tolist() == [3, 4, 1, 5, 1, 1, 1, 1]  # w1 w2 <eos> w3 <eos>, then padding
+    assert samples.mask[0].tolist() == [True] * 5 + [False] * 3
+    assert samples.mask[1].all()  # truncated to the window
+    path.write_text('{"text": "not a chat"}\n')
+    with pytest.raises(VacError, match="chat.jsonl:1 needs"):
+        read_chat_jsonl(path)
 
 
 def test_training_data_must_not_overlap_eval():

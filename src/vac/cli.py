@@ -188,7 +188,7 @@ def compress(
 
 
 # commands defined in their own modules register themselves on `app`
-from . import cli_use  # noqa: E402,F401  (chat, card, lm-eval)
+from . import cli_distill, cli_use  # noqa: E402,F401  (distill; chat, card, lm-eval)
 
 
 def main():
