@@ -114,6 +114,8 @@ def compress(
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     dtype: str = typer.Option("fp32", help="storage dtype of the checkpoint: fp32 | bf16"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    strategy: Optional[Path] = typer.Option(None, help="strategy JSON of `vac search`: its fields replace "
+                                            "--ratio, --method, --order, --fisher-exponent, ... (not the data options)"),
 ):
     """Compress MODEL so its decoder linears hold RATIO-times fewer parameters, and save it."""
     import torch
@@ -138,6 +140,10 @@ def compress(
         rank_step=rank_step, rank_floor=rank_floor, calib=calib, calib_windows=calib_windows,
         fisher_windows=fisher_windows, seq_len=seq_len, seed=seed,
     )
+    if strategy is not None:
+        from .search import load_strategy
+
+        cfg = VacConfig(**{**cfg.to_dict(), **load_strategy(strategy)})
     started = time.perf_counter()
     source = resolve_model(model)
     net, tok = load_model(model)
@@ -188,7 +194,7 @@ def compress(
 
 
 # commands defined in their own modules register themselves on `app`
-from . import cli_distill, cli_use  # noqa: E402,F401  (distill; chat, card, lm-eval)
+from . import cli_distill, cli_search, cli_use  # noqa: E402,F401  (distill; search; chat, card, lm-eval)
 
 
 def main():

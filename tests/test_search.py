@@ -1,0 +1,273 @@
+"""Strategy search: budget exactness, cached factors = the pipeline, determinism, resume, split hygiene."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer, word_text
+from typer.testing import CliRunner
+
+import vac.cli_search  # noqa: F401  (registers the command)
+from vac.cli import app
+from vac.corpora import CORPORA, SPLIT_DOCS
+from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, eval_windows, sample_windows
+from vac.errors import VacError
+from vac.evaluate import perplexity
+from vac.pipeline import VacConfig, allocate, compress
+from vac.search import (
+    FactorCache, Genome, ProxyScorer, SearchSetup, Space, cached_statistics, check_sources,
+    feasible_shares, load_strategy, run_search, source_units, statistics_key,
+)
+from vac.zoo import load_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP spin contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    tiny_llama(layers=4).save_pretrained(root / "tiny")
+    tiny_tokenizer().save_pretrained(root / "tiny")
+    for name, seed, n in (("calib", 1, 3000), ("search", 3, 1500), ("eval", 2, 1500)):
+        (root / f"{name}.txt").write_text(word_text(n, seed=seed))
+    return root
+
+
+def setup_for(files, **kw) -> SearchSetup:
+    base = dict(model=str(files / "tiny"), ratio=1.5, population=4, calib=str(files / "calib.txt"),
+                search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
+                fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4)
+    return SearchSetup(**base | kw)
+
+
+@pytest.fixture(scope="module")
+def parts(files, tmp_path_factory):
+    setup = setup_for(files)
+    model, tok = load_model(setup.model)
+    calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
+    windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
+    folder = tmp_path_factory.mktemp("cache") / statistics_key(setup)
+    proxy, seq = cached_statistics(model, calib, setup, folder, progress=False)
+    factors = FactorCache(folder, model, proxy)
+    return dict(setup=setup, model=model, calib=calib, windows=windows, proxy=proxy, seq=seq,
+                factors=factors, scorer=ProxyScorer(model, windows, setup, factors), folder=folder)
+
+
+def test_random_genomes_meet_the_budget_within_one_rank_step(parts):
+    setup, model, scorer = parts["setup"], parts["model"], parts["scorer"]
+    shares = feasible_shares(model, setup)
+    assert shares and None not in shares
+    space, rng = Space(4, shares=shares), random.Random(5)
+    dense = sum(m.dense_params for m in scorer.matrices)
+    known, svds = set(parts["factors"].spectra_memo), parts["factors"].svds
+    genomes = [space.random(rng) for _ in range(12)]
+    genomes += [space.mutate(g, rng) for g in genomes] + [Genome.default(4)]
+    for i, g in enumerate(genomes):
+        cfg, ranks = scorer.allocation(g)
+        after = sum(m.params(ranks[m.path]) for m in scorer.matrices)
+        knapsacks = 2 if cfg.attn_ratio else 1
+        assert after <= dense / setup.ratio
+        assert dense / setup.ratio - after <= knapsacks * (scorer.step_cost + 1)
+        if i % 4 == 0:  # the cached spectra allocate exactly like the pipeline
+            assert ranks == allocate(model, parts["proxy"], cfg)
+    sets = {FactorCache.name(g.method, g.exponent) for g in genomes}
+    # one SVD per (matrix, method, exponent), none per candidate
+    assert parts["factors"].svds - svds == len(sets - known) * len(scorer.matrices)
+
+
+def test_proxy_scoring_equals_the_pipeline_without_new_svds(parts):
+    setup, model, scorer = parts["setup"], parts["model"], parts["scorer"]
+    g = Genome((3, 2, 1, 0), "vac", 0.5, 0.5, (0.0, 1.0, 0.0, -0.5, 0.0, 0.0, 0.5))
+    scorer.score(g)
+    svds = parts["factors"].svds
+    ours = scorer.score(Genome((0, 1, 2, 3), *[getattr(g, f) for f in ("method", "exponent", "attn", "log_weights")]))
+    assert parts["factors"].svds == svds  # a rank change is a truncation of cached factors
+    cfg = g.config(setup.ratio, full=False, **setup.data())
+    net = copy.deepcopy(model)
+    result = compress(net, parts["calib"], cfg, progress=False, stats=parts["proxy"])
+    ref = perplexity(net, parts["windows"], progress=False)["ppl"]
+    assert ours["params_after"] == result.params_after
+    assert ours["score"] == pytest.approx(ref, rel=1e-5)
+
+
+def strip(obj):
+    """The state without wall-clock fields."""
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if k not in ("seconds", "elapsed_s", "timing", "minutes")}
+    if isinstance(obj, list):
+        return [strip(v) for v in obj]
+    return obj
+
+
+def state(folder):
+    return strip(json.loads((folder / "state.json").read_text()))
+
+
+def assert_same_search(straight, other):
+    """Same populations, scores, RNG and result; ``other`` may hold more memoized final-stage scores
+    (a run stopped early re-scored its own top-k), which never change a result."""
+    a, b = state(straight), state(other)
+    for memo in ("full", "eval"):
+        mine, theirs = a.pop(memo), b.pop(memo)
+        assert mine == {k: theirs[k] for k in mine}
+    assert a == b
+
+
+def test_deterministic_and_resume_equals_uninterrupted(files, tmp_path, monkeypatch):
+    setup = setup_for(files, seed=7)
+    quiet = dict(progress=False, log=lambda _m: None)
+    straight = run_search(setup, tmp_path / "a", generations=3, **quiet)
+    again = run_search(setup, tmp_path / "b", generations=3, **quiet)
+    assert state(tmp_path / "a") == state(tmp_path / "b")
+    assert strip(straight) | {"reproduce": 0} == strip(again) | {"reproduce": 0}
+    assert [h["evaluated"] for h in straight["history"]][0] == setup.population
+
+    run_search(setup, tmp_path / "c", generations=1, **quiet)  # stop after one generation, then continue
+    resumed = run_search(setup, tmp_path / "c", generations=3, **quiet)
+    assert_same_search(tmp_path / "a", tmp_path / "c")
+    assert resumed["winner"] == straight["winner"]
+    assert resumed["final_candidates"] == straight["final_candidates"]
+
+    calls = {"n": 0}
+    real = ProxyScorer.score
+
+    def dying(self, g):  # a kill in the middle of the second generation
+        calls["n"] += 1
+        if calls["n"] == setup.population + 2:
+            raise KeyboardInterrupt
+        return real(self, g)
+
+    monkeypatch.setattr(ProxyScorer, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(setup, tmp_path / "d", generations=3, **quiet)
+    monkeypatch.setattr(ProxyScorer, "score", real)
+    partial = json.loads((tmp_path / "d" / "state.json").read_text())
+    assert partial["generation"] == 1 and len(partial["archive"]) == setup.population + 1
+    run_search(setup, tmp_path / "d", generations=3, **quiet)
+    assert_same_search(tmp_path / "a", tmp_path / "d")
+
+    other = run_search(setup_for(files, seed=8), tmp_path / "e", generations=1, **quiet)
+    assert other["top"] != straight["top"]
+
+
+def test_strategy_file_reproduces_the_winner_through_the_pipeline(files, tmp_path, parts):
+    setup = setup_for(files, population=3, top_k=2)
+    summary = run_search(setup, tmp_path / "s", generations=2, progress=False, log=lambda _m: None)
+    fields = load_strategy(tmp_path / "s" / "strategy.json")
+    assert "calib" not in fields and fields["ratio"] == setup.ratio and fields["sequential"] is True
+    cfg = VacConfig(**fields, calib=setup.calib, calib_windows=setup.calib_windows,
+                    fisher_windows=setup.fisher_windows, seq_len=setup.seq_len)
+    net = copy.deepcopy(parts["model"])
+    result = compress(net, parts["calib"], cfg, progress=False)  # its own statistics, like `vac compress`
+    assert result.ratio == pytest.approx(summary["winner"]["ratio_reached"])
+    assert result.ratio >= setup.ratio
+    ppl = perplexity(net, parts["windows"], progress=False)["ppl"]
+    assert ppl == pytest.approx(summary["winner"]["search_ppl"], rel=1e-4)
+    assert summary["winner"]["search_ppl"] <= summary["default"]["search_ppl"]  # the default is a finalist
+    assert summary["winner"]["eval_ppl"] > 1 and summary["default"]["eval_ppl"] > 1
+    assert (tmp_path / "s" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
+
+    (tmp_path / "bad.json").write_text('{"config": {"ratio": 1.5, "nope": 1}}')
+    for path, message in ((tmp_path / "missing.json", "no such strategy"), (tmp_path / "bad.json", "unknown fields")):
+        with pytest.raises(VacError, match=message):
+            load_strategy(path)
+    (tmp_path / "low.json").write_text('{"config": {"ratio": 0.5}}')
+    with pytest.raises(VacError, match="greater than 1"):
+        load_strategy(tmp_path / "low.json")
+
+
+def test_builtin_search_splits_never_overlap_calibration_or_evaluation():
+    check_sources(DEFAULT_CALIB, DEFAULT_SEARCH, DEFAULT_EVAL)  # does not load any corpus
+    for corpus in CORPORA:
+        splits = SPLIT_DOCS[corpus]
+        assert splits["search"], corpus
+        units = {s: set(source_units(f"{corpus}:{s}")) for s in ("calib", "search", "eval")}
+        assert not units["search"] & units["calib"] and not units["search"] & units["eval"]
+        assert len(units["search"]) == len(splits["search"])
+    for search, evaluation in (("austen:eval", DEFAULT_EVAL), ("austen", DEFAULT_EVAL),
+                               ("web-bible:search+austen:eval", "austen:eval")):
+        with pytest.raises(VacError, match="overlaps the evaluation data"):
+            check_sources(DEFAULT_CALIB, search, evaluation)
+    with pytest.raises(VacError, match="overlaps the calibration data"):
+        check_sources(DEFAULT_CALIB, "shakespeare:calib", DEFAULT_EVAL)
+
+
+def search_args(files, out, *extra):
+    return ["search", files / "tiny", "--out", out, "--ratio", 1.5, "--calib", files / "calib.txt", "--eval",
+            files / "eval.txt", "--search-data", files / "search.txt", "--seq-len", 32, "--calib-windows", 8,
+            "--fisher-windows", 4, "--search-windows", 4, "--eval-windows", 4, "--rank-step", 4,
+            "--rank-floor", 4, "--population", 3, "--generations", 1, "--top-k", 1, *extra]
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_refuses_overlapping_search_data(files, tmp_path):
+    (tmp_path / "copy.txt").write_text((files / "eval.txt").read_text())
+    for data in (files / "eval.txt", tmp_path / "copy.txt", files / "calib.txt"):
+        args = search_args(files, tmp_path / "out")
+        args[args.index("--search-data") + 1] = data
+        code, _, err = cli(*args)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "overlaps" in lines[0] and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+    code, _, err = cli("search", files / "tiny", "--out", tmp_path / "out", "--search-data", "austen:eval")
+    assert code == 2 and "overlaps the evaluation data 'austen:eval'" in err
+
+
+def test_cli_search_and_ablation(files, tmp_path):
+    code, out, err = cli(*search_args(files, tmp_path / "run"))
+    assert code == 0, err
+    assert "top genomes" in out and "strategy.json" in out
+    assert {"strategy.json", "search.json", "fitness.png", "state.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    code, out, err = cli(*search_args(files, tmp_path / "run", "--population", 5))
+    assert code == 2 and "other settings (population)" in err
+    code, out, err = cli(*search_args(files, tmp_path / "abl", "--ablation"))
+    assert code == 0, err
+    doc = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert [r["study"] for r in doc["rows"]].count("exponent") == 4 and len(doc["rows"]) == 10
+    assert all(r["ratio_reached"] >= 1.5 for r in doc["rows"])
+    assert sum(r["default"] for r in doc["rows"]) == 3  # the default is one compression, shown in each study
+    assert len(doc["results"]) == 8
+    assert "| order | back-to-front |" in (tmp_path / "abl" / "ablation.md").read_text()
+
+
+@pytest.mark.slow  # spawns two Python processes that import torch (about a minute on a busy 2-core box)
+def test_parallel_workers_score_like_one_process(files, tmp_path):
+    setup = setup_for(files, population=4, seed=3)
+    quiet = dict(progress=False, log=lambda _m: None)
+    one = run_search(setup, tmp_path / "one", generations=1, **quiet)
+    two = run_search(setup, tmp_path / "two", generations=1, workers=2, **quiet)
+    assert [r["fitness"] for r in two["top"]] == pytest.approx([r["fitness"] for r in one["top"]], rel=1e-5)
+
+
+def test_compress_accepts_the_strategy_file(files, tmp_path):
+    import inspect
+
+    from vac import cli as cli_module
+
+    if "strategy" not in inspect.signature(cli_module.compress).parameters:
+        pytest.skip("vac compress has no --strategy option yet (the cli.py patch)")
+    code, _, err = cli(*search_args(files, tmp_path / "run"))
+    assert code == 0, err
+    winner = json.loads((tmp_path / "run" / "search.json").read_text())["winner"]
+    code, _, err = cli("compress", files / "tiny", "--out", tmp_path / "c", "--strategy", tmp_path / "run" / "strategy.json",
+                       "--calib", files / "calib.txt", "--calib-windows", 8, "--fisher-windows", 4, "--seq-len", 32,
+                       "--eval", files / "search.txt", "--eval-windows", 4, "--ratio", 3, "--method", "svd")
+    assert code == 0, err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["config"] == winner["config"]  # the strategy replaces --ratio and --method
+    assert report["ppl_after"]["ppl"] == pytest.approx(winner["search_ppl"], rel=1e-4)
