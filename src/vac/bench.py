@@ -3,9 +3,11 @@
 Protocol (what ``vac bench`` prints beside its numbers):
 
 * **prefill**: one forward of ``prompt_len`` tokens (batch 1, ``use_cache=False``); tokens/s.
-* **decode**: greedy ``generate`` from a ``prompt_len``-token prompt with the KV cache, forced to
-  ``decode_tokens`` new tokens (``min_new_tokens = max_new_tokens``); new tokens/s, the prefill of the
-  prompt subtracted (measured separately with the cache on).
+* **decode**: greedy ``generate`` with the KV cache after a short prompt (llama-bench's tg<N>), forced
+  to ``decode_tokens`` new tokens (``min_new_tokens = max_new_tokens``); tokens/s from
+  ``time(N tokens) - time(1 token)``, so generate's fixed costs and the prompt cancel out.
+* the vac models get :func:`fast_decode_` (``up`` factors column-major, direct ``F.linear`` calls)
+  unless ``decode_layout=False``; the dense model is run exactly as transformers loads it.
 * the models run in turn (dense, factorized, int8, dense, ...), ``repeats`` rounds after one warm-up;
   the best round of each counts, so that noise from other processes on the machine hurts every model
   alike and is filtered out.
@@ -19,16 +21,18 @@ Protocol (what ``vac bench`` prints beside its numbers):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import VacError
+
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -90,6 +94,8 @@ try:  # transformers imports torchao (when installed) as it builds a model: not 
 except ImportError:
     pass
 from vac import checkpoint
+from vac.quantize import fast_int8_loading
+fast_int8_loading()  # same memory, linear time for int8 folders
 with torch.no_grad():  # page in the code of the ops used below, so it does not count as loading
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
         torch.ones(64, dtype=dtype).float().sum()
@@ -128,9 +134,13 @@ print(json.dumps({"baseline_rss": baseline, "hwm_before": before_hwm, "peak_rss_
 def load_peak_rss(path, *, timeout: float = 600) -> dict:
     """Peak RSS increase caused by ``vac.checkpoint.load(path)``, measured in a fresh subprocess.
 
-    Torch, transformers, vac (and torchao for quantized folders) are imported first; the RSS after
-    those imports is the baseline and the high-water mark is reset there (``/proc/self/clear_refs``),
-    so ``increase_bytes = peak - baseline`` is what loading itself costs. Returns the raw numbers,
+    Torch, transformers, vac (and torchao, if installed) are imported first; the RSS after those
+    imports is the baseline and the high-water mark is reset there (``/proc/self/clear_refs``), so
+    ``increase_bytes = peak - baseline`` is what loading itself costs. After the load every weight is
+    read once, so that mmap-backed tensors count as resident. The increase includes the tokenizer
+    (``checkpoint.load`` loads it: ~46 MB for SmolLM2's) and a few MB of code paged in on first use;
+    ``growth_by_kind`` splits the final RSS growth into pages of the checkpoint's files, anonymous
+    memory (copies, the tokenizer, Python objects) and other files (code). Returns the raw numbers,
     the weight files' size and ``ratio = increase / size``.
     """
     path = Path(path)
@@ -193,6 +203,46 @@ def _touch(t: torch.Tensor) -> None:
         t.sum()
 
 
+# ------------------------------------------------------------------------------- decode layout
+
+
+def _low_rank_forward(self, x):
+    return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
+
+
+def fast_decode_(model):
+    """Prepare the LowRankLinear layers of a loaded model for fast decoding, in place; same outputs.
+
+    * ``up`` weights ([out, rank]) are re-laid out column-major (``w.t().contiguous().t()``: same
+      shape and values, ``stride == (1, out)``). A batch-1 decode step multiplies a vector by each
+      weight; with the stock row-major layout the ``up`` product is a dot product over rows only
+      ``rank`` long, which MKL streams at about half the memory bandwidth of the transposed
+      (axpy-like) form. Prefill GEMMs are indifferent to the layout. Costs a copy of the ``up``
+      factors (the mmap-backed originals then stay mapped; those pages are clean and reclaimable).
+    * ``forward`` calls ``F.linear`` twice directly instead of the two ``nn.Linear`` submodules
+      (saves two module calls per layer and token); layers whose ``down``/``up`` carry hooks keep
+      the stock forward. Int8 (torchao) weights keep their layout and get only this.
+
+    ``save_pretrained`` still writes the standard format (it makes tensors contiguous). Returns the
+    number of layers changed.
+    """
+    from .checkpoint.hf.modeling_vac import LowRankLinear
+
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LowRankLinear):
+                continue
+            up = module.up.weight
+            if type(up.data) is torch.Tensor and up.dim() == 2 and up.stride(0) != 1:
+                up.data = up.data.t().contiguous().t()
+            hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (module.down, module.up))
+            if not hooked:
+                module.forward = types.MethodType(_low_rank_forward, module)
+            changed += 1
+    return changed
+
+
 # ------------------------------------------------------------------------------------------- timing
 
 
@@ -212,6 +262,20 @@ def _generate(model, ids, n: int):
 DECODE_PROMPT = 8  # decode is measured llama-bench style: a short prompt, then tg<decode_tokens>
 
 
+def _resolve_baseline(ckpt_dir: Path, baseline: str | None) -> str:
+    if baseline:
+        return baseline
+    report = ckpt_dir / "report.json"
+    if report.is_file():
+        try:
+            named = json.loads(report.read_text()).get("model")
+        except (ValueError, AttributeError):
+            named = None
+        if named:
+            return named
+    raise VacError(f"{ckpt_dir} has no report.json naming its dense model: pass --baseline MODEL")
+
+
 def bench(
     ckpt_dir,
     baseline: str | None = None,
@@ -222,26 +286,28 @@ def bench(
     repeats: int = 3,
     threads: int | None = None,
     load_rss: bool = True,
+    decode_layout: bool = True,
+    compare_stock: bool = False,
     log=None,
 ) -> dict:
     """Dense ``baseline`` vs the vac checkpoint ``ckpt_dir`` (vs its int8 copy ``int8_dir``) in one
-    process, fp32 activations, batch 1; see the module docstring for the protocol. Returns one dict
-    with ``decode_speedup``, ``prefill_speedup``, ``flops_ratio``, ``threads`` and every raw number."""
+    process, fp32 activations, batch 1; see the module docstring for the protocol.
+
+    ``decode_layout`` applies :func:`fast_decode_` to the vac models (``compare_stock`` also runs the
+    checkpoint as loaded, as ``vac-stock``). Returns one dict with ``decode_speedup``,
+    ``prefill_speedup``, ``flops_ratio``, ``threads`` and every raw number under ``models``."""
     from . import checkpoint
-    from .quantize import quiet_torchao
+    from .quantize import fast_int8_loading
     from .zoo import load_model, resolve_model
 
-    quiet_torchao()
+    fast_int8_loading()
     log = log or (lambda _msg: None)
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "config.json").is_file():
         raise VacError(f"{ckpt_dir} is not a model folder (no config.json)")
-    if baseline is None:
-        report = ckpt_dir / "report.json"
-        if report.is_file():
-            baseline = json.loads(report.read_text()).get("model")
-        if not baseline:
-            raise VacError(f"{ckpt_dir} has no report.json naming its dense model: pass --baseline MODEL")
+    if int8_dir is not None and not (Path(int8_dir) / "config.json").is_file():
+        raise VacError(f"{int8_dir} is not a model folder (no config.json)")
+    baseline = _resolve_baseline(ckpt_dir, baseline)
     if prompt_len < 1 or decode_tokens < 2 or repeats < 1:
         raise VacError("need --prompt-len >= 1, --decode-tokens >= 2 and --repeats >= 1")
     if threads is not None:
@@ -250,11 +316,14 @@ def bench(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
 
-    sources = {"dense": resolve_model(baseline), "vac": str(ckpt_dir)}
+    # name -> (source folder or hub id, apply fast_decode_)
+    plan = {"dense": (resolve_model(baseline), False), "vac": (str(ckpt_dir), decode_layout)}
+    if compare_stock and decode_layout:
+        plan["vac-stock"] = (str(ckpt_dir), False)
     if int8_dir is not None:
-        sources["int8"] = str(int8_dir)
-    models, results = {}, {}
-    for name, source in sources.items():
+        plan["int8"] = (str(int8_dir), decode_layout)
+    models, results, probes = {}, {}, {}
+    for name, (source, fast) in plan.items():
         log(f"loading {name}: {source}")
         before = _rss_bytes()
         if name == "dense":
@@ -264,28 +333,30 @@ def bench(
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 _touch(t.data if type(t) is nn.Parameter else t)
+        resident = _rss_bytes() - before
         folder = Path(source) if Path(source).is_dir() else None
         results[name] = {
             "source": source,
             "params": param_count(model),
             "linear_macs_per_token": linear_macs(model),
             "disk_bytes": weights_bytes(folder) if folder else None,
-            "resident_bytes": _rss_bytes() - before,
+            "resident_bytes": resident,
             "quantized": getattr(model.config, "quantization_config", None) is not None,
+            "fast_decode": bool(fast and fast_decode_(model)),
         }
         if load_rss and folder is not None:
-            log(f"measuring the load of {name} in a fresh process")
-            probe = load_peak_rss(folder)
-            results[name]["load_peak_rss_increase_bytes"] = probe["increase_bytes"]
-            results[name]["load_rss_ratio"] = probe["ratio"]
+            if source not in probes:
+                log(f"measuring the load of {name} in a fresh process")
+                probes[source] = load_peak_rss(folder)
+            results[name]["load_peak_rss_increase_bytes"] = probes[source]["increase_bytes"]
+            results[name]["load_rss_ratio"] = probes[source]["ratio"]
         models[name] = model
-    vocab = min(int(m.config.vocab_size) for m in models.values())
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, vocab, (1, prompt_len), generator=gen)
-    short = prompt[:, :DECODE_PROMPT]
 
+    vocab = min(int(m.config.vocab_size) for m in models.values())
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    short = prompt[:, :DECODE_PROMPT]
     names = list(models)
-    times = {n: {"prefill": [], "gen1": [], "genN": []} for n in names}
+    times = {n: {"prefill": [], "tg1": [], f"tg{decode_tokens}": []} for n in names}
     with torch.inference_mode():
         for rnd in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches)
             order = names[rnd % len(names):] + names[: rnd % len(names)]
@@ -295,14 +366,14 @@ def bench(
                 t_1 = _timed(lambda: _generate(model, short, 1))
                 t_n = _timed(lambda: _generate(model, short, decode_tokens))
                 if rnd:
-                    times[name]["prefill"].append(t_pre)
-                    times[name]["gen1"].append(t_1)
-                    times[name]["genN"].append(t_n)
+                    for key, value in zip(times[name], (t_pre, t_1, t_n)):
+                        times[name][key].append(value)
             log(f"round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
     for name in names:
         t = times[name]
         prefill_s = min(t["prefill"])
-        decode_s = min(t["genN"]) - min(t["gen1"])  # generate's fixed costs and the prompt cancel out
+        # generate's fixed costs and the short prompt's prefill cancel out in the difference
+        decode_s = min(t[f"tg{decode_tokens}"]) - min(t["tg1"])
         results[name].update({
             "prefill_seconds": prefill_s,
             "prefill_tokens_per_s": prompt_len / prefill_s,
@@ -310,30 +381,39 @@ def bench(
             "decode_tokens_per_s": (decode_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
             "raw_seconds": t,
         })
-    dense, vac = results["dense"], results["vac"]
+    dense = results["dense"]
+
+    def speedups(name: str, prefix: str = "") -> dict:
+        r = results[name]
+        return {
+            f"{prefix}prefill_speedup": r["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+            f"{prefix}decode_speedup": r["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
+        }
+
     out = {
         "baseline": baseline,
         "checkpoint": str(ckpt_dir),
         "int8": str(int8_dir) if int8_dir is not None else None,
+        **speedups("vac"),
+        "flops_ratio": dense["linear_macs_per_token"] / results["vac"]["linear_macs_per_token"],
         "threads": threads,
-        "dtype": "float32 activations",
+        "fast_decode": decode_layout,
+        "activations": "float32",
         "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
         "decode_prompt_len": DECODE_PROMPT,
         "repeats": repeats,
-        "prefill_speedup": vac["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
-        "decode_speedup": vac["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
-        "flops_ratio": dense["linear_macs_per_token"] / vac["linear_macs_per_token"],
         "models": results,
         "process_peak_rss_bytes": peak_rss_bytes(),
         "torch": torch.__version__,
-        "protocol": (f"batch 1; prefill = one forward of {prompt_len} tokens, use_cache=False; decode = greedy "
-                     f"generate with KV cache after a {DECODE_PROMPT}-token prompt, (tg{decode_tokens} - tg1) "
-                     f"time for {decode_tokens - 1} tokens; models alternate, best of {repeats} rounds after "
-                     f"one warm-up; {threads} threads"),
+        "protocol": (f"batch 1, fp32 activations, {threads} threads; prefill = one forward of {prompt_len} "
+                     f"tokens, use_cache=False; decode = greedy generate with KV cache after a "
+                     f"{DECODE_PROMPT}-token prompt, time(tg{decode_tokens}) - time(tg1) for "
+                     f"{decode_tokens - 1} tokens; models alternate, best of {repeats} rounds after one "
+                     "warm-up"),
     }
+    if "vac-stock" in results:
+        out.update(speedups("vac-stock", "stock_"))
     if "int8" in results:
-        q = results["int8"]
-        out["int8_prefill_speedup"] = q["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
-        out["int8_decode_speedup"] = q["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+        out.update(speedups("int8", "int8_"))
     return out

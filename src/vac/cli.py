@@ -194,7 +194,7 @@ def compress(
 
 
 # commands defined in their own modules register themselves on `app`
-from . import cli_distill, cli_search, cli_use  # noqa: E402,F401  (distill; search; chat, card, lm-eval)
+from . import cli_deploy, cli_distill, cli_search, cli_use  # noqa: E402,F401
 
 
 def main():

@@ -14,27 +14,66 @@ quantizer swaps the weights of the plain ``nn.Linear`` factors in place.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 from .errors import VacError
 
 SCHEMES = ("weight-only", "dynamic")
-# files written by save_pretrained / the tokenizer; anything else in a checkpoint (report, plots,
-# model card) is carried over to the quantized folder
-_REGENERATED = ("config.json", "generation_config.json", "configuration_vac.py", "modeling_vac.py")
+# files that save_pretrained writes anew, or that hold measurements of the source model; anything else
+# in a checkpoint (report.json, ranks.png, ...) is carried over to the quantized folder
+_NOT_CARRIED = ("config.json", "generation_config.json", "configuration_vac.py", "modeling_vac.py",
+                "README.md", "bench.json", "quantize.json", "lm_eval.json")
 _REGEX = r"re:.*\.(down|up)"  # the factor linears of LowRankLinear, as a torchao FqnToConfig key
 
 
-def quiet_torchao() -> None:
-    """torchao's CPU build logs a warning for each CUDA-only extension it cannot load, and torch one for
-    each Enum torchao registers with pytree: harmless on CPU, so kept off stderr."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+def fast_int8_loading() -> None:
+    """Make ``from_pretrained`` of torchao checkpoints linear in the number of tensors.
+
+    transformers 5.24 rebuilds each int8 tensor with torchao's ``unflatten_tensor_state_dict`` and
+    ``is_metadata_torchao`` given the metadata of the *whole* checkpoint; both scan (and JSON-decode)
+    every entry on every call, so loading is quadratic: 33 s for the 420 factors of SmolLM2-135M on a
+    busy 2-core machine (9 s with this; the fp32 checkpoint: 2.5 s). This wraps the two names that
+    ``transformers.integrations.torchao`` calls: the validity check is computed once per metadata
+    dict, and unflattening gets only the entries of the module at hand. Results are identical; the
+    originals still do the work. Idempotent; a no-op if the layout of those modules changed.
+    """
+    try:
+        import transformers.integrations.torchao as hf_torchao
+    except ImportError:
+        return
+    unflatten = getattr(hf_torchao, "unflatten_tensor_state_dict", None)
+    is_metadata = getattr(hf_torchao, "is_metadata_torchao", None)
+    if unflatten is None or is_metadata is None or getattr(unflatten, "_vac_fast", False):
+        return
+    last: list = []  # [(metadata, valid, {module path: [tensor names]})]
+
+    def index(metadata):
+        if not last or last[0][0] is not metadata:
+            valid = is_metadata(metadata)
+            by_module: dict[str, list[str]] = {}
+            if valid:
+                for name in json.loads(metadata["tensor_names"]):
+                    by_module.setdefault(name.rpartition(".")[0], []).append(name)
+            last[:] = [(metadata, valid, by_module)]
+        return last[0]
+
+    def fast_is_metadata_torchao(metadata):
+        return index(metadata)[1]
+
+    def fast_unflatten_tensor_state_dict(tensors_data_dict, metadata):
+        _, valid, by_module = index(metadata)
+        if not valid:
+            return unflatten(tensors_data_dict, metadata)
+        modules = (key.rpartition(".")[0] for key in tensors_data_dict)
+        names = list(dict.fromkeys(n for module in modules for n in by_module.get(module, ())))
+        return unflatten(tensors_data_dict, {"tensor_names": json.dumps(names), **{n: metadata[n] for n in names}})
+
+    fast_unflatten_tensor_state_dict._vac_fast = True
+    hf_torchao.unflatten_tensor_state_dict = fast_unflatten_tensor_state_dict
+    hf_torchao.is_metadata_torchao = fast_is_metadata_torchao
 
 
-quiet_torchao()
 
 
 def _torchao():
@@ -48,7 +87,8 @@ def _torchao():
         )
     except ImportError as exc:
         raise VacError(f"INT8 needs torchao (pip install torchao): {exc}") from None
-    return quantize_, FqnToConfig, {"weight-only": Int8WeightOnlyConfig, "dynamic": Int8DynamicActivationInt8WeightConfig}
+    configs = {"weight-only": Int8WeightOnlyConfig, "dynamic": Int8DynamicActivationInt8WeightConfig}
+    return quantize_, FqnToConfig, configs
 
 
 def factor_paths(model) -> list[str]:
@@ -62,7 +102,11 @@ def factor_paths(model) -> list[str]:
 def quantize_factors_(model, scheme: str = "weight-only"):
     """Quantize, in place, the factor linears of ``model`` to int8 (``weight-only``: int8 weights,
     activations in the model's dtype; ``dynamic``: activations quantized per token at run time too),
-    and attach the ``TorchAoConfig`` that ``save_pretrained`` needs to write them. Returns the model."""
+    and attach the ``TorchAoConfig`` that ``save_pretrained`` needs to write them. Returns the model.
+
+    Speed on CPU in eager mode (torch 2.13, torchao 0.18, AVX2 without VNNI): weight-only converts
+    each int8 weight to the activation dtype on every call, so it saves disk and memory but not
+    time; dynamic runs int8 GEMMs that are 3-20x slower than fp32 on such CPUs."""
     if scheme not in SCHEMES:
         raise VacError(f"unknown int8 scheme '{scheme}'; choose one of: {', '.join(SCHEMES)}")
     if getattr(model.config, "quantization_config", None) is not None:
@@ -84,11 +128,25 @@ def quantize_factors_(model, scheme: str = "weight-only"):
     return model
 
 
-def quantize_checkpoint(src_dir, out_dir, scheme: str = "weight-only", overwrite: bool = False) -> dict:
+def quantize_checkpoint(
+    src_dir,
+    out_dir,
+    scheme: str = "weight-only",
+    overwrite: bool = False,
+    *,
+    eval_data: str | None = None,
+    eval_windows: int = 40,
+    seq_len: int = 512,
+    command: str | None = None,
+) -> dict:
     """Write an int8 copy of the vac checkpoint ``src_dir`` to ``out_dir`` (atomically).
 
-    Returns ``{"scheme", "quantized_linears", "bytes_before", "bytes_after", "size_ratio"}``; sizes are
-    those of the weight files. ``report.json`` (if any) is carried over with a ``quantization`` entry.
+    Returns the summary that is also written to ``out_dir/quantize.json`` (read by ``vac card``):
+    scheme, ``size_before_bytes``/``size_after_bytes`` (weight files) and, with ``eval_data``, the
+    perplexity of the source and of the int8 model (``ppl_before``/``ppl_after``, same windows).
+    ``report.json`` and other files describing the compression are carried over; files that describe
+    the source model's own measurements (``bench.json``, ``quantize.json``, ``lm_eval.json``, the card)
+    are not.
     """
     from . import checkpoint
     from .bench import weights_bytes
@@ -100,29 +158,42 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str = "weight-only", overwrite
         raise VacError("the int8 checkpoint must go to another folder than its source")
     if out.exists() and not overwrite:
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    fast_int8_loading()
     model, tokenizer = checkpoint.load(src, dtype=None)
+    windows = None
+    if eval_data:
+        if tokenizer is None:
+            raise VacError(f"{src} has no tokenizer: cannot measure perplexity (drop --eval)")
+        from .data import eval_windows as make_windows
+        from .evaluate import perplexity
+
+        windows = make_windows(tokenizer, eval_data, seq_len, eval_windows)
+        before = perplexity(model, windows)
     quantize_factors_(model, scheme)
+    config_name = "Int8WeightOnlyConfig" if scheme == "weight-only" else "Int8DynamicActivationInt8WeightConfig"
     summary = {
         "scheme": scheme,
-        "method": f"torchao {'Int8WeightOnlyConfig' if scheme == 'weight-only' else 'Int8DynamicActivationInt8WeightConfig'}"
-                  " on LowRankLinear down/up, per-row scales",
+        "method": f"torchao {config_name} on LowRankLinear down/up, per-row scales",
         "quantized_linears": len(factor_paths(model)),
         "source": str(src),
-        "bytes_before": weights_bytes(src),
+        "size_before_bytes": weights_bytes(src),
     }
+    if windows is not None:
+        after = perplexity(model, windows)
+        summary |= {"ppl_before": before["ppl"], "ppl_after": after["ppl"],
+                    "protocol": f"{windows.shape[0]} non-overlapping windows of {seq_len} tokens of {eval_data}, "
+                                "all shifted tokens scored, use_cache=False"}
+    if command:
+        summary["command"] = command
     with checkpoint.atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for f in src.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and f.name not in _REGENERATED \
-                    and not f.name.endswith((".safetensors", ".bin")) and f.name != "model.safetensors.index.json":
+            if f.is_file() and not (tmp / f.name).exists() and f.name not in _NOT_CARRIED \
+                    and not f.name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
                 shutil.copy2(f, tmp / f.name)
-        summary["bytes_after"] = weights_bytes(tmp)
-        summary["size_ratio"] = summary["bytes_before"] / summary["bytes_after"]
-        report = tmp / "report.json"
-        if report.is_file():
-            data = json.loads(report.read_text())
-            data["quantization"] = summary
-            report.write_text(json.dumps(data, indent=2))
+        summary["size_after_bytes"] = weights_bytes(tmp)
+        summary["size_ratio"] = summary["size_before_bytes"] / summary["size_after_bytes"]
+        (tmp / "quantize.json").write_text(json.dumps(summary, indent=2))
     return summary
