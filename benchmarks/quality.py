@@ -58,19 +58,7 @@ def main(argv=None):
         result["dense"] = perplexity(model, held_out)
         save(result, args.out)
     t0 = time.perf_counter()
-    cached = cache_dir() / "stats" / (
-        hashlib.sha256(json.dumps([setup[k] for k in ("model", "calib", "calib_windows", "fisher_windows",
-                                                      "seq_len")]).encode()).hexdigest()[:20] + ".pt"
-    )
-    if cached.is_file():
-        shared = torch.load(cached, weights_only=False)
-    else:
-        shared = dense_statistics(
-            model, calib, VacConfig(method="vac", sequential=False, fisher_windows=args.fisher_windows)
-        )
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(shared, cached.with_suffix(".tmp"))
-        cached.with_suffix(".tmp").replace(cached)
+    shared = shared_statistics(model, calib, setup)
     stats_seconds = time.perf_counter() - t0
     for ratio in args.ratios:
         for method in args.methods:
@@ -93,6 +81,21 @@ def main(argv=None):
             del student
     write_table(result, args.out.with_suffix(".md"))
     plot(result, args.out.with_suffix(".png"))
+
+
+def shared_statistics(model, calib, setup: dict):
+    """Dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached."""
+    key = [setup[k] for k in ("model", "calib", "calib_windows", "fisher_windows", "seq_len")]
+    cached = cache_dir() / "stats" / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20] + ".pt")
+    if cached.is_file():
+        return torch.load(cached, weights_only=False)
+    shared = dense_statistics(
+        model, calib, VacConfig(method="vac", sequential=False, fisher_windows=setup["fisher_windows"])
+    )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(shared, cached.with_suffix(".tmp"))
+    cached.with_suffix(".tmp").replace(cached)
+    return shared
 
 
 def save(result, path: Path):

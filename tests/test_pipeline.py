@@ -110,7 +110,7 @@ def test_config_rejects_unknown_method_and_allocation():
 
 def test_config_method_defaults():
     vac = VacConfig(method="vac")
-    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("global", True, True, True)
+    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("uniform", True, True, True)
     svd = VacConfig(method="svd")
     assert (svd.allocation, svd.sequential, svd.needs_fisher, svd.needs_inputs) == ("uniform", False, False, False)
     assert VacConfig(method="fwsvd").needs_fisher and not VacConfig(method="fwsvd").needs_inputs

@@ -94,7 +94,7 @@ def compress(
     ratio: float = typer.Option(1.8, help="parameter reduction of the decoder linears (> 1)"),
     out_dir: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
     method: str = typer.Option("vac", help="vac | whiten | asvd | fwsvd | svd"),
-    allocation: Optional[str] = typer.Option(None, help="global (knapsack) | uniform [default: global for vac]"),
+    allocation: Optional[str] = typer.Option(None, help="uniform | global (knapsack; experimental) [default: uniform]"),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential",
                                               help="statistics from compressed earlier layers [default: vac only]"),
     correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",

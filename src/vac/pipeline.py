@@ -27,7 +27,10 @@ class VacConfig:
 
     ratio: float = 1.8
     method: str = "vac"
-    allocation: str | None = None  # "global" (knapsack) | "uniform"; default: global for vac
+    # "global" (knapsack over estimated-loss curves) | "uniform". Default uniform for every method:
+    # measured on the embedded default at 1.8x, the knapsack over the current curves (first-order
+    # Fisher × output error) starves q/gate/up and loses to uniform ranks (benchmarks/README.md).
+    allocation: str | None = None
     sequential: bool | None = None  # statistics from compressed earlier layers; default: vac only
     correct: bool | None = None  # sequential: fit dense outputs from compressed inputs; default: vac
     order: str | list[int] = "front-to-back"
@@ -55,7 +58,7 @@ class VacConfig:
             if value is not None and not value > 1:
                 raise VacError(f"--{name.replace('_', '-')} must be greater than 1, got {value:g}")
         if self.allocation is None:
-            self.allocation = "global" if self.method == "vac" else "uniform"
+            self.allocation = "uniform"
         if self.allocation not in ("global", "uniform"):
             raise VacError(f"unknown allocation '{self.allocation}'; choose global or uniform")
         if self.sequential is None:

@@ -975,7 +975,7 @@ def ablation_rows(ratio: float) -> list[tuple[str, str, dict]]:
         ("order", "middle-out", {"order": "middle-out"}),
         ("exponent", "1/4", {"fisher_exponent": 0.25}), ("exponent", "1/3", {"fisher_exponent": 1 / 3}),
         ("exponent", "1/2", {"fisher_exponent": 0.5}), ("exponent", "1", {"fisher_exponent": 1.0}),
-        ("allocation", "global knapsack", {}), ("allocation", "uniform", {"allocation": "uniform"}),
+        ("allocation", "uniform", {}), ("allocation", "global knapsack", {"allocation": "global"}),
         ("allocation", f"attention-heavy (attn {attn_ratio_of(ratio, 0.5):.2f}x)",
          {"attn_ratio": attn_ratio_of(ratio, 0.5)}),
     ]

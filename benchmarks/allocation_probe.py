@@ -1,0 +1,56 @@
+"""Allocation probe: uniform vs knapsack ranks, whitening vs Fisher-weighted whitening, at one ratio.
+
+Non-sequential compressions of the embedded default from the statistics that benchmarks/quality.py
+caches (same calibration windows), each scored on the first 10 windows of the held-out split (a
+quick proxy of the 40-window protocol), with the kept-rank fraction (min, mean, max) per matrix type.
+
+    .venv/bin/python benchmarks/allocation_probe.py vac:global whiten:global whiten:uniform vac:uniform
+"""
+
+import collections
+import copy
+import json
+import sys
+import time
+
+import torch
+from quality import shared_statistics
+
+from vac.arch import arch_for
+from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
+from vac.evaluate import perplexity
+from vac.pipeline import VacConfig, compress, matrices_of
+from vac.zoo import load_model
+
+SETUP = {"model": "smollm2-135m", "calib": DEFAULT_CALIB, "calib_windows": 64, "fisher_windows": 16,
+         "seq_len": 512}
+
+
+def kept_fractions(model, ranks):
+    arch, by = arch_for(model), collections.defaultdict(list)
+    for m in matrices_of(model):
+        r = ranks.get(m.path)
+        by[arch.kind(m.path)].append(1.0 if r is None else r / min(m.out_features, m.in_features))
+    return {k: [round(min(v), 2), round(sum(v) / len(v), 2), round(max(v), 2)] for k, v in by.items()}
+
+
+def main(variants, ratio=1.8):
+    base, tok = load_model(SETUP["model"])
+    calib = sample_windows(tok, SETUP["calib"], SETUP["seq_len"], SETUP["calib_windows"], seed=0)
+    held_out = eval_windows(tok, DEFAULT_EVAL, SETUP["seq_len"], 10)
+    stats = shared_statistics(base, calib, SETUP)
+    for variant in variants:
+        method, allocation, *exponent = variant.split(":")
+        cfg = VacConfig(ratio=ratio, method=method, allocation=allocation, sequential=False,
+                        fisher_exponent=float(exponent[0]) if exponent else 1 / 3)
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        result = compress(model, calib, cfg, progress=False, stats=stats)
+        ppl = perplexity(model, held_out, progress=False)["ppl"]
+        print(json.dumps({"variant": variant, "ratio": ratio, "ratio_reached": round(result.ratio, 4),
+                          "ppl_10x512": ppl, "seconds": time.perf_counter() - t0,
+                          "kept_fraction_min_mean_max": kept_fractions(base, result.ranks)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["vac:global", "whiten:global", "whiten:uniform", "vac:uniform"])
