@@ -29,6 +29,15 @@ def tiny_olmo3(seed=0, layers=4):
     return Olmo3ForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is many times faster than two, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tokens(n=4, length=24, seed=1):
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 

@@ -12,15 +12,6 @@ from vac.allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
 from vac.errors import VacError
 from vac.layers import max_useful_rank
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is many times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SMOL_SHAPES = [  # SmolLM-135M decoder linears: (name, out, in)
     ("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
     ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536),

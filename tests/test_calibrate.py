@@ -12,15 +12,6 @@ from vac.calibrate import InputStats, LayerStream, fisher_stats, layer_input_sta
 from conftest import VOCAB, tiny_llama, tiny_olmo3, tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is many times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MODELS = {"llama": tiny_llama, "olmo3": tiny_olmo3}
 
 

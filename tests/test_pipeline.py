@@ -16,15 +16,6 @@ from vac.pipeline import VacConfig, compress, layer_order, matrices_of
 from conftest import tiny_llama, tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is many times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WINDOWS = tokens(8, 32)
 STEP = 2  # fine rank grid: a tiny model's budget can be met closely
 

@@ -311,5 +311,7 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
             layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
         stats.inputs.update(layer_stats)
         factorize_layer(model, i, ranks, stats, cfg)
+        for path in layer_stats:  # a factorized layer's statistics are not needed again
+            stats.inputs.pop(path, None)
         valid = {b: h for b, h in compressed.items() if b <= i}
         compressed = {b: h for b, h in valid.items() if b in _starts(valid, remaining).values()}
