@@ -128,9 +128,9 @@ class Genome:
         return weights or None
 
     def config(self, ratio: float, *, full: bool, **data) -> VacConfig:
-        """The VacConfig of this genome; ``full``: sequential with correction (else the proxy)."""
+        """The VacConfig of this genome; ``full``: sequential, as `vac compress` (else the non-sequential proxy)."""
         return VacConfig(
-            ratio=ratio, method=self.method, allocation="global", sequential=full, correct=full,
+            ratio=ratio, method=self.method, allocation="global", sequential=full,
             order=self.order_name() or list(self.order),
             fisher_exponent=self.exponent if self.method == "vac" else DEFAULT_EXPONENT,
             type_weights=self.type_weights(),
