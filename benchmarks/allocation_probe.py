@@ -1,10 +1,14 @@
-"""Allocation probe: uniform vs knapsack ranks, whitening vs Fisher-weighted whitening, at one ratio.
+"""Allocation probe: uniform vs knapsack ranks, attention/MLP splits, whitening vs Fisher-weighted
+whitening, at one ratio.
 
 Non-sequential compressions of the embedded default from the statistics that benchmarks/quality.py
 caches (same calibration windows), each scored on the first 10 windows of the held-out split (a
 quick proxy of the 40-window protocol), with the kept-rank fraction (min, mean, max) per matrix type.
+A variant is ``method:allocation[:exponent][@attn_ratio]`` (no ``@``: attention and MLP both at the
+ratio). Results are appended to results/allocation_probe.json.
 
     .venv/bin/python benchmarks/allocation_probe.py vac:global whiten:global whiten:uniform vac:uniform
+    .venv/bin/python benchmarks/allocation_probe.py vac:uniform@2.6 vac:uniform@3.0 vac:uniform@3.8
 """
 
 import collections
@@ -12,6 +16,7 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from quality import shared_statistics
@@ -34,22 +39,31 @@ def kept_fractions(model, ranks):
     return {k: [round(min(v), 2), round(sum(v) / len(v), 2), round(max(v), 2)] for k, v in by.items()}
 
 
+RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
+
+
 def main(variants, ratio=1.8):
     base, tok = load_model(SETUP["model"])
     calib = sample_windows(tok, SETUP["calib"], SETUP["seq_len"], SETUP["calib_windows"], seed=0)
     held_out = eval_windows(tok, DEFAULT_EVAL, SETUP["seq_len"], 10)
     stats = shared_statistics(base, calib, SETUP)
     for variant in variants:
-        method, allocation, *exponent = variant.split(":")
+        spec, _, attn = variant.partition("@")
+        method, allocation, *exponent = spec.split(":")
         cfg = VacConfig(ratio=ratio, method=method, allocation=allocation, sequential=False,
-                        fisher_exponent=float(exponent[0]) if exponent else 1 / 3)
+                        fisher_exponent=float(exponent[0]) if exponent else None,
+                        attn_ratio=float(attn) if attn else ratio)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         result = compress(model, calib, cfg, progress=False, stats=stats)
         ppl = perplexity(model, held_out, progress=False)["ppl"]
-        print(json.dumps({"variant": variant, "ratio": ratio, "ratio_reached": round(result.ratio, 4),
-                          "ppl_10x512": ppl, "seconds": time.perf_counter() - t0,
-                          "kept_fraction_min_mean_max": kept_fractions(base, result.ranks)}), flush=True)
+        row = {"variant": variant, "ratio": ratio, "ratio_reached": round(result.ratio, 4),
+               "ppl_10x512": ppl, "seconds": time.perf_counter() - t0,
+               "kept_fraction_min_mean_max": kept_fractions(base, result.ranks)}
+        print(json.dumps(row), flush=True)
+        rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+        rows = [r for r in rows if (r["variant"], r["ratio"]) != (variant, ratio)] + [row]
+        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def main(argv=None):
 
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     setup["ratios"], setup["methods"] = sorted(setup["ratios"]), sorted(setup["methods"])
+    # each method's defaults (at --ratio 1.8): results of other defaults are not reused
+    setup["defaults"] = {m: VacConfig(method=m).to_dict() for m in setup["methods"]}
     result = {"setup": setup, "dense": None, "entries": []}
     if args.out.is_file():
         previous = json.loads(args.out.read_text())
@@ -73,6 +75,7 @@ def main(argv=None):
             ppl = perplexity(student, held_out)
             entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, "ppl": ppl["ppl"],
                      "allocation": cfg.allocation, "sequential": cfg.sequential, "order": cfg.order,
+                     "fisher_exponent": cfg.fisher_exponent, "attn_ratio": cfg.attn_ratio,
                      "params_after": res.params_after, "seconds": seconds}
             print(json.dumps(entry), file=sys.stderr, flush=True)
             result["entries"].append(entry)

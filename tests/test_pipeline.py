@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vac import checkpoint
-from vac.allocate import DENSE
+from vac.allocate import DENSE, uniform_ranks
 from vac.arch import arch_for
 from vac.checkpoint.hf.modeling_vac import LowRankLinear
 from vac.errors import VacError
@@ -101,7 +101,10 @@ def test_config_rejects_unknown_method_and_allocation():
 
 def test_config_method_defaults():
     vac = VacConfig(method="vac")
-    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("uniform", True, True, True)
+    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("depth", True, True, True)
+    assert (vac.fisher_exponent, vac.attn_ratio) == (2 / 3, 1 + 2.5 * 0.8)  # attention 3x at --ratio 1.8
+    assert VacConfig(method="fwsvd").fisher_exponent == 0.5 and VacConfig(method="whiten").attn_ratio is None
+    assert VacConfig(method="vac", mlp_ratio=1.5).attn_ratio is None  # the free component gets the rest
     svd = VacConfig(method="svd")
     assert (svd.allocation, svd.sequential, svd.needs_fisher, svd.needs_inputs) == ("uniform", False, False, False)
     assert VacConfig(method="fwsvd").needs_fisher and not VacConfig(method="fwsvd").needs_inputs
@@ -112,7 +115,7 @@ def test_config_method_defaults():
 
 # --- compress --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("allocation", ["uniform", "depth", "global"])
 @pytest.mark.parametrize("method", METHODS)
 def test_compress_meets_the_ratio(method, allocation):
     ratio = 1.5
@@ -138,6 +141,23 @@ def test_compress_meets_the_ratio(method, allocation):
     out = logits(model, WINDOWS[:2])
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, logits(dense_model, WINDOWS[:2]), atol=1e-4)
+
+
+def test_depth_allocation_spreads_each_type_budget_over_the_layers():
+    ratio = 1.5
+    model, result = run(config(method="vac", ratio=ratio, attn_ratio=ratio, allocation="depth"), layers=4)
+    arch, matrices = arch_for(model), matrices_of(tiny_llama(layers=4))
+    uniform = uniform_ranks(matrices, ratio)
+    varied = set()
+    for kind in ("q", "k", "v", "o", "gate", "up", "down"):
+        part = [m for m in matrices if arch.kind(m.path) == kind]
+        budget = sum(m.params(uniform[m.path]) for m in part)
+        spent = sum(m.params(result.ranks.get(m.path, DENSE)) for m in part)
+        step = STEP * (part[0].out_features + part[0].in_features)
+        assert budget - step < spent <= budget  # the type's uniform budget, met within one rank step
+        if len({result.ranks.get(m.path, DENSE) for m in part}) > 1:
+            varied.add(kind)
+    assert varied  # the knapsack moves rank between layers
 
 
 def test_compress_uniform_ranks_are_uniform():

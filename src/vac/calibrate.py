@@ -97,8 +97,9 @@ class InputStats:
     cross: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, dim: int) -> "InputStats":
-        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+    def empty(cls, dim: int, device=None) -> "InputStats":
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zeros(dim, dim), zeros(dim))
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch: products in fp32 per chunk of tokens (fast), sums accumulated in fp64."""
@@ -146,8 +147,7 @@ def layer_input_stats(
     handles = []
     for group in arch.groups:
         first = layer.get_submodule(group[0])
-        in_features = first.in_features
-        shared = InputStats.empty(in_features)
+        shared = InputStats.empty(first.in_features, first.weight.device)
         for name in group:
             stats[f"{arch.layer_path(i)}.{name}"] = shared
         handles.append(first.register_forward_pre_hook(lambda _m, args, s=shared: s.add(args[0])))
@@ -177,7 +177,7 @@ def layer_pair_stats(
     handles = []
     for group in arch.groups:
         first = layer.get_submodule(group[0])
-        shared = InputStats.empty(first.in_features)
+        shared = InputStats.empty(first.in_features, first.weight.device)
         for name in group:
             stats[f"{arch.layer_path(i)}.{name}"] = shared
 
@@ -207,7 +207,7 @@ def _input_hooks(stream: LayerStream, inputs: dict[str, InputStats], active: lis
     for i, layer in enumerate(stream.layers):
         for group in arch.groups:
             first = layer.get_submodule(group[0])
-            shared = InputStats.empty(first.in_features)
+            shared = InputStats.empty(first.in_features, first.weight.device)
             for name in group:
                 inputs[f"{arch.layer_path(i)}.{name}"] = shared
 
@@ -236,8 +236,8 @@ def fisher_stats(
     linears = {p: model.get_submodule(p) for p in paths}
     result = {
         p: FisherStats(
-            torch.zeros(m.out_features, dtype=torch.float64),
-            torch.zeros(m.in_features, dtype=torch.float64),
+            torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device),
+            torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device),
         )
         for p, m in linears.items()
     }

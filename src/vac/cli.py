@@ -94,14 +94,17 @@ def compress(
     ratio: float = typer.Option(1.8, help="parameter reduction of the decoder linears (> 1)"),
     out_dir: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
     method: str = typer.Option("vac", help="vac | whiten | asvd | fwsvd | svd"),
-    allocation: Optional[str] = typer.Option(None, help="uniform | global (knapsack; experimental) [default: uniform]"),
+    allocation: Optional[str] = typer.Option(None, help="uniform | depth (each matrix type's budget spread over the "
+                                             "layers by a knapsack) | global (one knapsack) [default: vac depth, else uniform]"),
     sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential",
                                               help="statistics from compressed earlier layers [default: vac only]"),
     correct: bool = typer.Option(False, "--correct/--no-correct",
                                  help="sequential: fit the dense outputs from compressed inputs (experimental)"),
     order: str = typer.Option("front-to-back", help="front-to-back | middle-out | back-to-front | 3,2,1,0"),
-    fisher_exponent: float = typer.Option(1 / 3, help="tempering exponent of the Fisher weights"),
-    attn_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the attention linears"),
+    fisher_exponent: Optional[float] = typer.Option(None, help="tempering exponent of the Fisher information "
+                                                    "[default: vac 2/3, fwsvd 1/2]"),
+    attn_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the attention linears "
+                                              "[vac: 1 + 2.5·(ratio − 1), 3.0 at --ratio 1.8; pass the --ratio value for no split]"),
     mlp_ratio: Optional[float] = typer.Option(None, help="fixed budget ratio of the MLP linears"),
     rank_step: int = typer.Option(8, help="rank grid step of the allocation"),
     rank_floor: int = typer.Option(8, help="smallest rank a matrix can get"),
@@ -113,6 +116,7 @@ def compress(
     eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text source ('' to skip)"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     dtype: str = typer.Option("fp32", help="storage dtype of the checkpoint: fp32 | bf16"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda[:N] for the whole compression [default: cuda when available]"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     strategy: Optional[Path] = typer.Option(None, help="strategy JSON of `vac search`: its fields replace "
                                             "--ratio, --method, --order, --fisher-exponent, ... (not the data options)"),
@@ -126,7 +130,7 @@ def compress(
     from .pipeline import VacConfig, check_budget
     from .pipeline import compress as run_compress
     from .report import heatmap, rank_grid, rank_table, summary_table
-    from .zoo import load_model, resolve_model
+    from .zoo import load_model, pick_device, resolve_model
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if dtype not in dtypes:
@@ -145,8 +149,10 @@ def compress(
 
         cfg = VacConfig(**{**cfg.to_dict(), **load_strategy(strategy)})
     started = time.perf_counter()
+    target = pick_device(device)
     source = resolve_model(model)
     net, tok = load_model(model)
+    net.to(target)
     arch = arch_for(net)
     if tok is None:
         raise VacError(f"{model} has no tokenizer")
@@ -175,10 +181,11 @@ def compress(
         "protocol": f"{eval_windows} non-overlapping windows of {seq_len} tokens of {eval_data}, "
                     "all shifted tokens scored, use_cache=False",
         "seconds": {**result.seconds, "total": time.perf_counter() - started},
-        "peak_rss_mb": peak_rss_mb(), "ranks": result.ranks,
+        "peak_rss_mb": peak_rss_mb(), "device": str(target), "ranks": result.ranks,
         "command": " ".join(["vac"] + sys.argv[1:]),
     }
     png = heatmap(kinds, rows, f"{model} {cfg.method} {result.ratio:.2f}x")
+    net.to("cpu")
     checkpoint.save(net, tok, out_dir, overwrite=overwrite, dtype=dtypes[dtype],
                     extra={"report.json": report, "ranks.png": png})
     err.print(rank_table(kinds, rows))

@@ -28,7 +28,7 @@ def cholesky_adaptive(xtx: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor of XᵀX (fp64), adding the smallest ridge λ·mean(diag) that works."""
     xtx = xtx.double()
     scale = xtx.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
     for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
         factor, info = torch.linalg.cholesky_ex(xtx + ridge * scale * eye)
         if info.item() == 0 and factor.diagonal().min() > 0:

@@ -19,6 +19,20 @@ from .factorize import METHODS, decompose, tail_energy, weighting
 from .layers import factorize_
 
 ORDERS = ("middle-out", "front-to-back", "back-to-front")
+# uniform: one rank per matrix type (per component ratio); depth: each matrix type keeps its uniform
+# budget, spread over the layers by a knapsack; global: one knapsack per component over all matrices
+ALLOCATIONS = ("uniform", "depth", "global")
+# vac's default attention/MLP split: attention is compressed harder, attn_ratio = 1 + (ratio − 1)·share.
+# Measured on the embedded default at 1.8x (non-sequential vac, 10 held-out windows,
+# benchmarks/allocation_probe.py → results/allocation_probe.json): PPL 343 without a split, 265 with
+# attention at 2.6x, 261 at 3.0x (share 2.5: MLP 1.57x), 265 at 3.4x; whitening 477 → 289 at 3.0x.
+VAC_ATTN_SHARE = 2.5
+
+
+def attn_ratio_of(ratio: float, share: float) -> float:
+    """The attention budget ratio for a split share: ``1 + (ratio − 1)·share`` (share > 1: attention
+    compressed harder than the whole; share 1: no split)."""
+    return 1 + (ratio - 1) * share
 
 
 @dataclass
@@ -27,18 +41,22 @@ class VacConfig:
 
     ratio: float = 1.8
     method: str = "vac"
-    # "global" (knapsack over estimated-loss curves) | "uniform". Default uniform for every method:
-    # measured on the embedded default at 1.8x, the knapsack over the current curves (first-order
-    # Fisher × output error) starves q/gate/up and loses to uniform ranks (benchmarks/README.md).
+    # see ALLOCATIONS; default: depth for vac, uniform for the baselines (as published). Measured on
+    # the embedded default at 1.8x (non-sequential, 10 held-out windows, allocation_probe.json), with
+    # attention at 3x: uniform 261, depth 192 (exponent 2/3); the global knapsack starves q (8% kept).
     allocation: str | None = None
     sequential: bool | None = None  # statistics from compressed earlier layers; default: vac only
     # sequential: fit dense outputs from compressed inputs. Off by default: measured on the embedded
     # default at 1.8x it makes held-out PPL worse (1287 vs 245 without), an open problem.
     correct: bool = False
     order: str | list[int] = "front-to-back"
-    fisher_exponent: float = 1 / 3
+    # tempering of the Fisher information; default: vac 2/3 (with depth allocation, 10 windows:
+    # 337 at 1/3, 259 at 1/2, 192 at 2/3, 198 at 0.8, 225 at 1), fwsvd 1/2 (FWSVD's √ of Fisher sums)
+    fisher_exponent: float | None = None
     type_weights: dict[str, float] | None = None  # curve multipliers per matrix type (q, k, ..., down)
-    attn_ratio: float | None = None  # per-component budgets (the other component gets the rest)
+    # per-component budgets (the other component gets the rest); vac with neither given:
+    # attn_ratio_of(ratio, VAC_ATTN_SHARE)
+    attn_ratio: float | None = None
     mlp_ratio: float | None = None
     rank_step: int = 8
     rank_floor: int = 8
@@ -59,10 +77,14 @@ class VacConfig:
             value = getattr(self, name)
             if value is not None and not value > 1:
                 raise VacError(f"--{name.replace('_', '-')} must be greater than 1, got {value:g}")
+        if self.method == "vac" and self.attn_ratio is None and self.mlp_ratio is None:
+            self.attn_ratio = attn_ratio_of(self.ratio, VAC_ATTN_SHARE)
         if self.allocation is None:
-            self.allocation = "uniform"
-        if self.allocation not in ("global", "uniform"):
-            raise VacError(f"unknown allocation '{self.allocation}'; choose global or uniform")
+            self.allocation = "depth" if self.method == "vac" else "uniform"
+        if self.fisher_exponent is None:
+            self.fisher_exponent = 2 / 3 if self.method == "vac" else 1 / 2
+        if self.allocation not in ALLOCATIONS:
+            raise VacError(f"unknown allocation '{self.allocation}'; choose {', '.join(ALLOCATIONS)}")
         if self.sequential is None:
             self.sequential = self.method == "vac"
         if self.correct and not (self.sequential and self.method in ("whiten", "vac")):
@@ -152,7 +174,9 @@ def allocate(model, stats: Statistics, cfg: VacConfig) -> dict[str, int]:
         w = weighting(cfg.method, stats.inputs.get(m.path), stats.fisher.get(m.path),
                       cfg.fisher_exponent, cfg.asvd_alpha)
         s = torch.linalg.svdvals(w.apply(model.get_submodule(m.path).weight))
-        m.curve = tail_energy(s) * (cfg.type_weights or {}).get(arch.kind(m.path), 1.0)
+        m.curve = tail_energy(s).cpu() * (cfg.type_weights or {}).get(arch.kind(m.path), 1.0)
+    if cfg.allocation == "depth":
+        return _depth_knapsacks(model, matrices, cfg)
     return _component_knapsacks(model, matrices, cfg)
 
 
@@ -186,6 +210,17 @@ def _component_ratios(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str
     if left <= 0:
         raise VacError(f"--{c}-ratio {r:g} leaves no budget for the {other} linears at --ratio {cfg.ratio:g}")
     return {c: r, other: dense[other] / left}
+
+
+def _depth_knapsacks(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, int]:
+    """Per matrix type, the parameters of its uniform ranks, spread over the layers by a knapsack."""
+    arch, ranks = arch_for(model), {}
+    ratios = _component_ratios(model, matrices, cfg)
+    for kind in dict.fromkeys(arch.kind(m.path) for m in matrices):
+        part = [m for m in matrices if arch.kind(m.path) == kind]
+        uniform = uniform_ranks(part, ratios[arch.component(part[0].path)])
+        ranks.update(knapsack(part, total_params(part, uniform), cfg.rank_step, cfg.rank_floor))
+    return ranks
 
 
 def _component_knapsacks(model, matrices: list[Matrix], cfg: VacConfig) -> dict[str, int]:
@@ -243,6 +278,7 @@ def compress(
         clock[name] = now - clock.pop("_last", clock["start"])
         clock["_last"] = now
 
+    windows = windows.to(next(model.parameters()).device)
     if stats is None:
         stats = dense_statistics(model, windows, cfg, progress)
     stats = Statistics(dict(stats.inputs), stats.fisher)

@@ -2,13 +2,13 @@
 
 A *genome* is one compression strategy: a layer order (a permutation of the decoder layers, started
 from middle-out, front-to-back or back-to-front and changed by swap / segment-reverse mutations), the
-Fisher exponent (vac), the attention/MLP budget split (``attn_ratio = 1 + (ratio − 1)·share``, or a
-single free knapsack), per-matrix-type curve weights (``VacConfig.type_weights``, powers of two) and
-the method (vac, or whiten = vac without Fisher weighting). Every genome decodes to a
-:class:`~vac.pipeline.VacConfig` at the requested ratio; its rank map comes from the knapsack, which
-meets the budget exactly: :func:`assert_budget` checks each candidate (never more parameters than the
-budget, and less than one rank step per knapsack below it), so no candidate can win by compressing
-less.
+Fisher exponent (vac), the attention/MLP budget split (``attn_ratio = 1 + (ratio − 1)·share``), the
+allocation within each component (uniform ranks, or the knapsack with per-matrix-type curve weights
+``VacConfig.type_weights``, powers of two) and the method (vac, or whiten = vac without Fisher
+weighting). Every genome decodes to a :class:`~vac.pipeline.VacConfig` at the requested ratio:
+:func:`assert_budget` checks each candidate's rank map (never more parameters than the budget; from the
+knapsack, less than one rank step per component below it; uniform ranks round each matrix down), so
+no candidate can win by compressing less.
 
 Fitness is perplexity on a *search* split (``austen:search`` by default) whose documents are disjoint
 from the calibration and the evaluation documents (:func:`check_sources`, by ``corpora.SPLIT_DOCS``
@@ -24,7 +24,7 @@ layer and costs minutes per candidate on a CPU, so by default (``proxy=True``) c
 with ``sequential=False`` (dense statistics, cached factors) on a few search windows; the proxy cannot
 see the layer order, which matters only for sequential compression, so the orders ride along and are
 selected in the final stage: the top-k genomes by proxy fitness plus the default are re-scored with
-the full configuration (``sequential=True, correct=True``) on the search split, and the best of those
+the full configuration (sequential, as ``vac compress``) on the search split, and the best of those
 is the winner. ``proxy=False`` scores every candidate with the full configuration (GPU-sized budgets).
 
 Resume. The state (population, fitness archive, RNG state, generation index, the final-stage scores)
@@ -68,9 +68,13 @@ from .factorize import decompose, tail_energy, weighting
 from .layers import factorize_, max_useful_rank
 from .pipeline import (
     ORDERS,
+    VAC_ATTN_SHARE,
     VacConfig,
     _component_knapsacks,
     _component_ratios,
+    _depth_knapsacks,
+    allocate,
+    attn_ratio_of,
     check_budget,
     compress,
     dense_statistics,
@@ -80,19 +84,16 @@ from .pipeline import (
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 EXPONENTS = (0.25, 1 / 3, 0.5, 2 / 3, 1.0)
-ATTN_SHARES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # attn_ratio = 1 + (ratio − 1) · share
+ATTN_SHARES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # attn_ratio = 1 + (ratio − 1) · share
+ALLOCATIONS = ("uniform", "depth", "global")  # type weights matter to "global" only
 LOG_WEIGHT_MAX = 2.0  # type weights are 2^w, w on a grid of 0.5 within ±LOG_WEIGHT_MAX
 SEARCH_METHODS = ("vac", "whiten")
 DEFAULT_EXPONENT = VacConfig().fisher_exponent
 DEFAULT_ORDER = VacConfig().order
+DEFAULT_ALLOCATION = VacConfig().allocation
 DATA_FIELDS = ("calib", "calib_windows", "fisher_windows", "seq_len", "seed", "batch_size")
 STRATEGY_FIELDS = tuple(f.name for f in fields(VacConfig) if f.name not in DATA_FIELDS)
 FORMAT = "vac-strategy/1"
-
-
-def attn_ratio_of(ratio: float, share: float) -> float:
-    """The attention budget ratio for a split gene: ``1 + (ratio − 1)·share`` (< ratio: attention-heavy)."""
-    return 1 + (ratio - 1) * share
 
 
 # ----------------------------------------------------------------------------- genome
@@ -103,18 +104,21 @@ class Genome:
     order: tuple[int, ...]
     method: str = "vac"
     exponent: float = DEFAULT_EXPONENT
-    attn: float | None = None  # attention split share (see attn_ratio_of); None: one free knapsack
+    attn: float = VAC_ATTN_SHARE  # attention split share (see pipeline.attn_ratio_of; 1: no split)
+    allocation: str = DEFAULT_ALLOCATION  # see pipeline.ALLOCATIONS
     log_weights: tuple[float, ...] = (0.0,) * len(KINDS)  # log2 of the curve weight of q, k, …, down
 
     @classmethod
     def default(cls, n_layers: int) -> "Genome":
-        """The default VacConfig: vac, its default order and exponent, free knapsack, no type weights."""
+        """The default VacConfig: vac, its default order, exponent, split and uniform ranks."""
         return cls(tuple(layer_order(DEFAULT_ORDER, n_layers)))
 
     def proxy_key(self) -> str:
-        """Identity under the proxy (which is blind to the layer order; whiten ignores the exponent)."""
+        """Identity under the proxy (which is blind to the layer order; whiten ignores the exponent,
+        only the global knapsack uses the curve weights)."""
+        weights = list(self.log_weights) if self.allocation == "global" else None
         return json.dumps([self.method, self.exponent if self.method == "vac" else None, self.attn,
-                           list(self.log_weights)])
+                           self.allocation, weights])
 
     def full_key(self) -> str:
         return json.dumps([json.loads(self.proxy_key()), list(self.order)])
@@ -130,34 +134,35 @@ class Genome:
     def config(self, ratio: float, *, full: bool, **data) -> VacConfig:
         """The VacConfig of this genome; ``full``: sequential, as `vac compress` (else the non-sequential proxy)."""
         return VacConfig(
-            ratio=ratio, method=self.method, allocation="global", sequential=full,
+            ratio=ratio, method=self.method, allocation=self.allocation, sequential=full,
             order=self.order_name() or list(self.order),
             fisher_exponent=self.exponent if self.method == "vac" else DEFAULT_EXPONENT,
-            type_weights=self.type_weights(),
-            attn_ratio=None if self.attn is None else attn_ratio_of(ratio, self.attn),
+            type_weights=self.type_weights() if self.allocation == "global" else None,
+            attn_ratio=attn_ratio_of(ratio, self.attn),
             **data,
         )
 
     def describe(self) -> dict[str, str]:
         order = self.order_name() or "perm " + ",".join(map(str, self.order))
         weights = " ".join(f"{k}×{2.0 ** w:.2g}" for k, w in zip(KINDS, self.log_weights) if w != 0)
+        weights = weights if self.allocation == "global" else ""
         return {
             "method": self.method,
             "exponent": _frac(self.exponent) if self.method == "vac" else "-",
-            "split": "free" if self.attn is None else f"attn×{self.attn:g}",
+            "split": f"attn×{self.attn:g}",
+            "allocation": self.allocation,
             "weights": weights or "-",
             "order": order,
         }
 
     def to_dict(self) -> dict:
         return {"order": list(self.order), "method": self.method, "exponent": self.exponent,
-                "attn": self.attn, "log_weights": list(self.log_weights)}
+                "attn": self.attn, "allocation": self.allocation, "log_weights": list(self.log_weights)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Genome":
-        return cls(tuple(int(i) for i in d["order"]), d["method"], float(d["exponent"]),
-                   None if d["attn"] is None else float(d["attn"]),
-                   tuple(float(w) for w in d["log_weights"]))
+        return cls(tuple(int(i) for i in d["order"]), d["method"], float(d["exponent"]), float(d["attn"]),
+                   d["allocation"], tuple(float(w) for w in d["log_weights"]))
 
 
 def _frac(x: float) -> str:
@@ -178,13 +183,15 @@ class Space:
         costs one SVD of every matrix, minutes on a CPU), the other genes vary freely."""
         method = rng.choice(self.methods) if len(self.methods) > 1 and rng.random() < 0.5 else self.methods[0]
         exponent = DEFAULT_EXPONENT if rng.random() < 0.5 else rng.choice(EXPONENTS)
-        attn = None if rng.random() < 0.5 or not self.shares else rng.choice(self.shares)
+        attn = rng.choice(self.shares)
+        allocation = rng.choice(ALLOCATIONS)
         weights = tuple(rng.choice((-1.0, -0.5, 0.0, 0.0, 0.0, 0.5, 1.0)) for _ in KINDS)
         order = tuple(layer_order(rng.choice(ORDERS), self.n_layers))
-        return Genome(order, method, exponent, attn, weights)
+        return Genome(order, method, exponent, attn, allocation, weights)
 
     def mutate(self, g: Genome, rng: random.Random) -> Genome:
-        ops = ["exponent", "attn", "weight", "weight", "order"] + (["method"] if len(self.methods) > 1 else [])
+        ops = ["exponent", "attn", "allocation", "weight", "weight", "order"]
+        ops += ["method"] if len(self.methods) > 1 else []
         for _ in range(1 + (rng.random() < 0.3)):
             op = rng.choice(ops)
             if op == "method":
@@ -194,10 +201,12 @@ class Space:
                 i = rng.randrange(len(EXPONENTS)) if rng.random() < 0.25 else i + rng.choice((-1, 1))
                 g = replace(g, exponent=EXPONENTS[min(max(i, 0), len(EXPONENTS) - 1)])
             elif op == "attn":
-                options = [None, *self.shares]
-                i = options.index(g.attn) if g.attn in options else 0
+                options = self.shares
+                i = min(range(len(options)), key=lambda j: abs(options[j] - g.attn))
                 i = rng.randrange(len(options)) if rng.random() < 0.3 else i + rng.choice((-1, 1))
                 g = replace(g, attn=options[min(max(i, 0), len(options) - 1)])
+            elif op == "allocation":
+                g = replace(g, allocation=rng.choice([a for a in ALLOCATIONS if a != g.allocation]))
             elif op == "weight":
                 k = rng.randrange(len(KINDS))
                 w = list(g.log_weights)
@@ -224,6 +233,7 @@ class Space:
         donor = pick(a, b)
         return Genome(
             order=pick(a, b).order, method=donor.method, exponent=donor.exponent, attn=pick(a, b).attn,
+            allocation=pick(a, b).allocation,
             log_weights=tuple(pick(x, y) for x, y in zip(a.log_weights, b.log_weights)),
         )
 
@@ -368,16 +378,16 @@ def max_step(matrices: list[Matrix], step: int, floor: int) -> int:
     return worst
 
 
-def assert_budget(params_before: int, params_after: int, cfg: VacConfig, step_cost: int,
-                  exact: bool = True) -> None:
+def assert_budget(params_before: int, params_after: int, cfg: VacConfig, step_cost: int) -> None:
     """A rank map never holds more than ``params_before / ratio`` parameters and, from the knapsack
-    (``exact``), less than one rank step per knapsack below it: no strategy wins by compressing less."""
+    (``cfg.allocation == "global"``), less than one rank step per knapsack below it: no strategy wins
+    by compressing less (uniform ranks round every matrix down, so they can only lose)."""
     budget = params_before / cfg.ratio
     if params_after > budget:
         raise AssertionError(f"rank map holds {params_after:,} parameters, over the budget of "
                              f"{budget:,.0f} at ratio {cfg.ratio:g}")
-    knapsacks = 2 if (cfg.attn_ratio or cfg.mlp_ratio) else 1
-    if exact and budget - params_after > knapsacks * step_cost + knapsacks:
+    knapsacks = 2 if (cfg.attn_ratio or cfg.mlp_ratio) else 1  # one per component
+    if cfg.allocation == "global" and budget - params_after > knapsacks * step_cost + knapsacks:
         raise AssertionError(f"rank map holds {params_after:,} parameters, more than "
                              f"{knapsacks} rank step(s) ({step_cost:,}) below the budget of {budget:,.0f}")
 
@@ -558,12 +568,18 @@ class ProxyScorer:
 
     def allocation(self, genome: Genome) -> tuple[VacConfig, dict[str, int]]:
         cfg = genome.config(self.setup.ratio, full=False, **self.setup.data())
+        if cfg.allocation == "uniform":
+            ranks = allocate(self.model, Statistics(), cfg)
+            assert_budget(sum(m.dense_params for m in self.matrices), total_params(self.matrices, ranks), cfg,
+                          self.step_cost)
+            return cfg, ranks
         spectra = self.factors.spectra(genome.method, genome.exponent)
         weights = cfg.type_weights or {}
         matrices = [Matrix(m.path, m.out_features, m.in_features) for m in self.matrices]
         for m in matrices:
             m.curve = tail_energy(spectra[m.path]) * weights.get(self.arch.kind(m.path), 1.0)
-        ranks = _component_knapsacks(self.model, matrices, cfg)
+        knapsacks = _depth_knapsacks if cfg.allocation == "depth" else _component_knapsacks
+        ranks = knapsacks(self.model, matrices, cfg)
         assert_budget(sum(m.dense_params for m in matrices), total_params(matrices, ranks), cfg, self.step_cost)
         return cfg, ranks
 
@@ -602,12 +618,11 @@ def _worker_score(genome: dict) -> dict:
     return _WORKER["scorer"].score(Genome.from_dict(genome))
 
 
-def full_compress(model, calib: torch.Tensor, stats: Statistics, cfg: VacConfig, step_cost: int,
-                  exact: bool = True):
+def full_compress(model, calib: torch.Tensor, stats: Statistics, cfg: VacConfig, step_cost: int):
     """A compressed copy of ``model`` under ``cfg`` (what ``vac compress`` does) and its Result."""
     net = copy.deepcopy(model)
     result = compress(net, calib, cfg, progress=False, stats=stats)
-    assert_budget(result.params_before, result.params_after, cfg, step_cost, exact)
+    assert_budget(result.params_before, result.params_after, cfg, step_cost)
     return net, result
 
 
@@ -955,13 +970,13 @@ def top_table(summary: dict, n: int = 10):
 
     table = Table(title=f"top genomes ({summary['evaluated']} scored, fitness: {summary['fitness']})",
                   show_edge=False)
-    for col in ("#", "method", "exp", "split", "type weights", "order", "fitness", "full"):
+    for col in ("#", "method", "exp", "split", "allocation", "type weights", "order", "fitness", "full"):
         table.add_column(col, justify="right" if col in ("#", "fitness", "full") else "left")
     for i, row in enumerate(summary["top"][:n], 1):
         d = row["describe"]
         full = row["full_search_ppl"]
         table.add_row(str(i) + ("*" if row["default"] else ""), d["method"], d["exponent"], d["split"],
-                      d["weights"], d["order"], f"{row['fitness']:.3f}", "-" if full is None else f"{full:.3f}")
+                      d["allocation"], d["weights"], d["order"], f"{row['fitness']:.3f}", "-" if full is None else f"{full:.3f}")
     return table
 
 
@@ -973,11 +988,13 @@ def ablation_rows(ratio: float) -> list[tuple[str, str, dict]]:
     return [
         ("order", "front-to-back", {"order": "front-to-back"}), ("order", "back-to-front", {"order": "back-to-front"}),
         ("order", "middle-out", {"order": "middle-out"}),
-        ("exponent", "1/4", {"fisher_exponent": 0.25}), ("exponent", "1/3", {"fisher_exponent": 1 / 3}),
-        ("exponent", "1/2", {"fisher_exponent": 0.5}), ("exponent", "1", {"fisher_exponent": 1.0}),
-        ("allocation", "uniform", {}), ("allocation", "global knapsack", {"allocation": "global"}),
-        ("allocation", f"attention-heavy (attn {attn_ratio_of(ratio, 0.5):.2f}x)",
-         {"attn_ratio": attn_ratio_of(ratio, 0.5)}),
+        ("exponent", "1/3", {"fisher_exponent": 1 / 3}), ("exponent", "1/2", {"fisher_exponent": 0.5}),
+        ("exponent", "2/3", {"fisher_exponent": 2 / 3}), ("exponent", "1", {"fisher_exponent": 1.0}),
+        ("allocation", "depth", {"allocation": "depth"}), ("allocation", "uniform", {"allocation": "uniform"}),
+        ("allocation", "global knapsack", {"allocation": "global"}),
+        ("split", f"attention {attn_ratio_of(ratio, VAC_ATTN_SHARE):.2f}x", {"attn_ratio": attn_ratio_of(ratio, VAC_ATTN_SHARE)}),
+        ("split", "none", {"attn_ratio": ratio}),
+        ("split", f"attention lighter ({attn_ratio_of(ratio, 0.5):.2f}x)", {"attn_ratio": attn_ratio_of(ratio, 0.5)}),
     ]
 
 
@@ -1014,7 +1031,7 @@ def run_ablation(setup: SearchSetup, out: Path | str, progress: bool = True,
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key not in doc["results"]:
             t0 = time.perf_counter()
-            net, result = full_compress(model, calib, seq_stats, cfg, step_cost, exact=cfg.allocation != "uniform")
+            net, result = full_compress(model, calib, seq_stats, cfg, step_cost)
             entry = {"config": cfg.to_dict(), "ratio_reached": result.ratio, "params_after": result.params_after,
                      "component_ratio": component_ratios(model, result.ranks),
                      "search_ppl": perplexity(net, search_w, progress=False)["ppl"],
@@ -1026,7 +1043,7 @@ def run_ablation(setup: SearchSetup, out: Path | str, progress: bool = True,
                 + (f", eval PPL {entry['eval_ppl']:.3f}" if entry["eval_ppl"] is not None else ""))
         rows.append({"study": study, "setting": setting, "default": key == default_key, **doc["results"][key]})
     doc["rows"] = rows
-    doc["protocol"] = (f"{setup.model} at {setup.ratio:g}x, vac (sequential, corrected) with one setting changed; "
+    doc["protocol"] = (f"{setup.model} at {setup.ratio:g}x, vac (the `vac compress` default) with one setting changed; "
                        f"PPL on the first {setup.search_windows} (search: {setup.search_data}) and "
                        f"{setup.eval_windows} (eval: {setup.eval_data}) non-overlapping windows of {setup.seq_len} "
                        f"tokens; calibration {setup.calib_windows} windows of {setup.calib}")

@@ -131,3 +131,14 @@ def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32):
 
     arch_for(model)
     return model.eval(), tokenizer
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``--device``: ``cpu``, ``cuda``/``cuda:N``, or None for a GPU when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name.startswith(("cpu", "cuda")):
+        raise VacError(f"--device must be cpu or cuda[:N], got {name}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VacError(f"--device {name} requested but no GPU is available")
+    return torch.device(name)

@@ -1,0 +1,182 @@
+"""GPU check: the CUDA paths of vac, and the speed of factorized layers at the target's shapes.
+
+Needs one CUDA GPU and no network (models are built from configs with random weights, text is
+synthetic). Two parts, each written to ``--out/gpu_check.json`` as soon as it ends:
+
+1. ``cuda_paths``: a small random OLMo-3 (rope_theta 500000, sliding windows) saved with a word-level
+   tokenizer; ``vac compress --device cuda`` (vac: Fisher + sequential whitening), the checkpoint
+   reloaded with plain transformers (``trust_remote_code=True``) on the GPU and ``generate``; then
+   ``vac distill --device cuda`` for a few steps. Checks exit codes, finite PPL, reported device.
+2. ``speed``: an OLMo-3-7B-shaped model (hidden 4096, MLP 11008, 32 heads, vocab 100278; random
+   weights, bf16) dense vs factorized at uniform ranks for 1.8x fewer decoder-linear parameters
+   (random factors: speed does not depend on their values): prefill tokens/s (batch 1 × 2048) and
+   greedy decode tokens/s with the KV cache (batch 1 and 16), median of repeats, same process.
+
+    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+
+
+def save(out: Path, doc: dict) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
+
+
+def run(cmd: list[str], log: Path) -> int:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"}
+    with log.open("w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def cuda_paths(out: Path, device: str = "cuda") -> dict:
+    from conftest import VOCAB, tiny_tokenizer, word_text
+    from transformers import AutoModelForCausalLM, Olmo3Config, Olmo3ForCausalLM
+
+    work = out / "paths"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = Olmo3Config(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, sliding_window=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], pad_token_id=0, eos_token_id=1,
+        bos_token_id=None,
+    )
+    Olmo3ForCausalLM(config).save_pretrained(work / "dense")
+    tiny_tokenizer().save_pretrained(work / "dense")
+    (work / "calib.txt").write_text(word_text(40000, seed=1))
+    (work / "eval.txt").write_text(word_text(8000, seed=2))
+    py, result = sys.executable, {}
+    t0 = time.perf_counter()
+    result["compress_rc"] = run([py, "-m", "vac.cli", "compress", str(work / "dense"), "--device", device,
+                                 "--ratio", "1.5", "--calib", str(work / "calib.txt"), "--eval", str(work / "eval.txt"),
+                                 "--calib-windows", "32", "--fisher-windows", "8", "--seq-len", "128",
+                                 "--eval-windows", "16", "--out", str(work / "vac")], out / "compress.log")
+    result["compress_s"] = time.perf_counter() - t0
+    if result["compress_rc"] == 0:
+        report = json.loads((work / "vac" / "report.json").read_text())
+        result |= {"device": report.get("device"), "ratio_reached": report["ratio_reached"],
+                   "ppl_before": report["ppl_before"]["ppl"], "ppl_after": report["ppl_after"]["ppl"]}
+        model = AutoModelForCausalLM.from_pretrained(work / "vac", trust_remote_code=True).to(device).eval()
+        ids = torch.tensor([[5, 6, 7, 8]], device=device)
+        gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+        result["generate_tokens"] = gen.shape[1] - ids.shape[1]
+        result["loaded_class"] = type(model).__name__
+        del model
+    t0 = time.perf_counter()
+    result["distill_rc"] = run([py, "-m", "vac.cli_distill", "distill", str(work / "vac"), "--teacher",
+                                str(work / "dense"), "--data", str(work / "calib.txt"), "--device", device,
+                                "--steps", "6", "--seq-len", "128", "--batch-size", "4", "--chat-fraction", "0",
+                                "--eval", str(work / "eval.txt"), "--eval-windows", "8", "--eval-seq-len", "128",
+                                "--out", str(work / "distilled")], out / "distill.log")
+    result["distill_s"] = time.perf_counter() - t0
+    if result["distill_rc"] == 0:
+        report = json.loads((work / "distilled" / "distill.json").read_text())
+        result |= {"distill_ppl_before": report["ppl_before"]["ppl"], "distill_ppl_after": report["ppl_after"]["ppl"]}
+    result["ok"] = (result["compress_rc"] == 0 and result["distill_rc"] == 0 and result.get("generate_tokens") == 8
+                    and result.get("device", "").startswith(device) and math.isfinite(result.get("ppl_after", math.nan)))
+    return result
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def speed(layers: int) -> dict:
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    from vac.allocate import uniform_ranks
+    from vac.layers import factorize_
+    from vac.pipeline import matrices_of
+
+    config = Olmo3Config(
+        vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, sliding_window=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        layer_types=["full_attention"] * layers, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dense = Olmo3ForCausalLM(config).to(torch.bfloat16).eval()
+    ranks = uniform_ranks(matrices_of(dense), 1.8)
+    low = copy.deepcopy(dense)
+
+    def random_factors(_path, weight, rank):
+        m, n = weight.shape
+        return (torch.randn(m, rank, device="cuda", dtype=weight.dtype) / math.sqrt(rank),
+                torch.randn(rank, n, device="cuda", dtype=weight.dtype) * weight.std())
+
+    factorize_(low, ranks, random_factors)
+    params = {name: sum(p.numel() for p in net.parameters()) for name, net in (("dense", dense), ("vac", low))}
+    linear = {name: sum(p.numel() for n_, p in net.named_parameters() if ".layers." in n_ and "norm" not in n_)
+              for name, net in (("dense", dense), ("vac", low))}
+    prompt = torch.randint(0, config.vocab_size, (1, 2048), device="cuda")
+    result = {"layers": layers, "params": params, "decoder_linear_params": linear,
+              "gpu": torch.cuda.get_device_name(), "dtype": "bf16"}
+    for name, net in (("dense", dense), ("vac", low)):
+        s = timed(lambda: net(prompt, use_cache=False), 5)
+        result[f"prefill_tok_s_{name}"] = prompt.numel() / s
+        for batch in (1, 16):
+            ids = prompt[:, :128].expand(batch, -1).contiguous()
+            new = 64
+            s = timed(lambda: net.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False), 3)
+            result[f"decode_tok_s_b{batch}_{name}"] = batch * new / s
+    result["prefill_speedup"] = result["prefill_tok_s_vac"] / result["prefill_tok_s_dense"]
+    for batch in (1, 16):
+        result[f"decode_speedup_b{batch}"] = result[f"decode_tok_s_b{batch}_vac"] / result[f"decode_tok_s_b{batch}_dense"]
+    result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--skip-paths", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu runs part 1 only (a dry run of the script)")
+    args = ap.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"torch": torch.__version__}
+    for part, fn in (("cuda_paths", None if args.skip_paths else lambda: cuda_paths(args.out, args.device)),
+                     ("speed", None if args.skip_speed or args.device == "cpu" else lambda: speed(args.layers))):
+        if fn is None:
+            continue
+        try:
+            doc[part] = fn()
+        except Exception as e:  # record and go on: one device session, both parts wanted
+            doc[part] = {"error": f"{type(e).__name__}: {e}"}
+        save(args.out, doc)
+        print(json.dumps({part: doc[part]}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
