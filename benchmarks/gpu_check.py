@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def cuda_paths(out: Path, device: str = "cuda") -> dict:
     config = Olmo3Config(
         vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, sliding_window=64,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rope_theta=500000.0,
         layer_types=["sliding_attention"] * 3 + ["full_attention"], pad_token_id=0, eos_token_id=1,
         bos_token_id=None,
     )
@@ -118,28 +119,28 @@ def speed(layers: int) -> dict:
     config = Olmo3Config(
         vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, sliding_window=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        layer_types=["full_attention"] * layers, tie_word_embeddings=False,
+        rope_theta=500000.0,
+        layer_types=["full_attention"] * layers, tie_word_embeddings=False, eos_token_id=None, pad_token_id=0,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
         dense = Olmo3ForCausalLM(config).to(torch.bfloat16).eval()
-    ranks = uniform_ranks(matrices_of(dense), 1.8)
-    low = copy.deepcopy(dense)
+    exact = uniform_ranks(matrices_of(dense), 1.8)
 
     def random_factors(_path, weight, rank):
         m, n = weight.shape
         return (torch.randn(m, rank, device="cuda", dtype=weight.dtype) / math.sqrt(rank),
                 torch.randn(rank, n, device="cuda", dtype=weight.dtype) * weight.std())
 
-    factorize_(low, ranks, random_factors)
-    params = {name: sum(p.numel() for p in net.parameters()) for name, net in (("dense", dense), ("vac", low))}
-    linear = {name: sum(p.numel() for n_, p in net.named_parameters() if ".layers." in n_ and "norm" not in n_)
-              for name, net in (("dense", dense), ("vac", low))}
+    nets = {"dense": dense}
+    for align in (1, 8, 64):  # ranks rounded down to a multiple of `align` (1: r = ⌊mn / (1.8 (m+n))⌋)
+        nets[f"vac_align{align}"] = factorize_(copy.deepcopy(dense), {p: r // align * align for p, r in exact.items()},
+                                               random_factors)
     prompt = torch.randint(0, config.vocab_size, (1, 2048), device="cuda")
-    result = {"layers": layers, "params": params, "decoder_linear_params": linear,
-              "gpu": torch.cuda.get_device_name(), "dtype": "bf16"}
-    for name, net in (("dense", dense), ("vac", low)):
+    result = {"layers": layers, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "ranks_q_k_gate": [
+        exact[p] for p in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj")]}
+    for name, net in nets.items():
+        result[f"params_{name}"] = sum(p.numel() for p in net.parameters())
         s = timed(lambda: net(prompt, use_cache=False), 5)
         result[f"prefill_tok_s_{name}"] = prompt.numel() / s
         for batch in (1, 16):
@@ -147,9 +148,11 @@ def speed(layers: int) -> dict:
             new = 64
             s = timed(lambda: net.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False), 3)
             result[f"decode_tok_s_b{batch}_{name}"] = batch * new / s
-    result["prefill_speedup"] = result["prefill_tok_s_vac"] / result["prefill_tok_s_dense"]
-    for batch in (1, 16):
-        result[f"decode_speedup_b{batch}"] = result[f"decode_tok_s_b{batch}_vac"] / result[f"decode_tok_s_b{batch}_dense"]
+        if name != "dense":
+            result[f"prefill_speedup_{name}"] = result[f"prefill_tok_s_{name}"] / result["prefill_tok_s_dense"]
+            for batch in (1, 16):
+                result[f"decode_speedup_b{batch}_{name}"] = (result[f"decode_tok_s_b{batch}_{name}"]
+                                                           / result[f"decode_tok_s_b{batch}_dense"])
     result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
@@ -173,7 +176,7 @@ def main():
         try:
             doc[part] = fn()
         except Exception as e:  # record and go on: one device session, both parts wanted
-            doc[part] = {"error": f"{type(e).__name__}: {e}"}
+            doc[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
         save(args.out, doc)
         print(json.dumps({part: doc[part]}, indent=1), flush=True)
 

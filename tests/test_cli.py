@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import tiny_llama
 from typer.testing import CliRunner
 
@@ -57,6 +58,22 @@ def test_compress_writes_a_loadable_checkpoint_and_report(tiny_folder, tmp_path,
     assert checkpoint.rank_map(model) == report["ranks"]
     assert tok is not None
     assert "ratio reached" in stdout
+
+
+def test_compress_reuses_cached_statistics(tiny_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = [tmp_path / f"out{i}" for i in range(3)]
+    codes, errs = [], []
+    for out, extra in zip(outs, ([], [], ["--no-stats-cache"])):
+        code, _, err = run(*compress_args(tmp_path, tiny_folder, out, "--ratio", 1.5, *extra))
+        codes.append(code)
+        errs.append(err)
+    assert codes == [0, 0, 0], errs
+    assert ["dense statistics from" in e for e in errs] == [False, True, False]
+    first, cached, fresh = (load_file(out / "model.safetensors") for out in outs)
+    assert first.keys() == cached.keys() == fresh.keys()
+    assert all(torch.equal(first[k], cached[k]) and torch.equal(first[k], fresh[k]) for k in first)
 
 
 def test_compress_refuses_existing_output_then_overwrites(tiny_folder, tmp_path):

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from vac.data import eval_windows
 from vac.errors import VacError
@@ -27,3 +28,15 @@ def test_embedded_default_resolves_and_scores_held_out_text():
     result = perplexity(model, eval_windows(tok, "austen:eval", 256, 4), progress=False)
     assert result["tokens"] == 4 * 255
     assert math.isfinite(result["ppl"]) and 15 < result["ppl"] < 80  # dense 40-window PPL is 36.95
+
+
+def test_pick_device():
+    from vac.zoo import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(VacError, match="--device must be cpu or cuda"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(VacError, match="no GPU is available"):
+            pick_device("cuda:0")

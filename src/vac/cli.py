@@ -40,6 +40,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cache_key(source: str, *settings) -> str | None:
+    """A disk-cache key for results of an unchanged model folder (None for anything else)."""
+    if not Path(source).is_dir():
+        return None
+    weights = sorted(Path(source).glob("*.safetensors"))
+    stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    return hashlib.sha256(json.dumps([str(Path(source).resolve()), stamp, *settings]).encode()).hexdigest()[:24]
+
+
 def measured_ppl(model, tokenizer, source: str, data: str, seq_len: int, windows: int, cache=False):
     """Perplexity under the protocol; results for unchanged model folders are cached on disk."""
     from .corpora import cache_dir
@@ -47,11 +56,8 @@ def measured_ppl(model, tokenizer, source: str, data: str, seq_len: int, windows
     from .evaluate import perplexity
 
     path = None
-    if cache and Path(source).is_dir():
-        weights = sorted(Path(source).glob("*.safetensors"))
-        stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
-        key = hashlib.sha256(json.dumps([str(Path(source).resolve()), stamp, data, seq_len, windows,
-                                         str(model.dtype)]).encode()).hexdigest()[:24]
+    key = cache_key(source, data, seq_len, windows, str(model.dtype)) if cache else None
+    if key:
         path = cache_dir() / "ppl" / f"{key}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -117,6 +123,8 @@ def compress(
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     dtype: str = typer.Option("fp32", help="storage dtype of the checkpoint: fp32 | bf16"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda[:N] for the whole compression [default: cuda when available]"),
+    stats_cache: bool = typer.Option(True, "--stats-cache/--no-stats-cache",
+                                     help="reuse the dense statistics of an earlier run (cached under $VAC_HOME/stats)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
     strategy: Optional[Path] = typer.Option(None, help="strategy JSON of `vac search`: its fields replace "
                                             "--ratio, --method, --order, --fisher-exponent, ... (not the data options)"),
@@ -161,7 +169,11 @@ def compress(
     before = measured_ppl(net, tok, source, eval_data, seq_len, eval_windows, cache=True) if eval_data else None
     shapes = {n: tuple(m.weight.shape) for n, m in net.named_modules() if hasattr(m, "weight")
               and m.weight is not None and m.weight.dim() == 2}
-    result = run_compress(net, windows, cfg)
+    t0 = time.perf_counter()
+    stats = dense_stats(net, windows.to(target), cfg, cache_key(source, *stats_settings(cfg)) if stats_cache else None)
+    stats_seconds = time.perf_counter() - t0
+    result = run_compress(net, windows, cfg, stats=stats)
+    result.seconds["statistics"] = stats_seconds
     after = measured_ppl(net, tok, source, eval_data, seq_len, eval_windows) if eval_data else None
     n_layers = len(net.get_submodule(arch.layers))
     kinds, rows = rank_grid(arch, n_layers, result.ranks, shapes)
@@ -198,6 +210,32 @@ def compress(
         ("time", f"{report['seconds']['total']:.0f} s"),
         ("peak RSS", f"{report['peak_rss_mb']:.0f} MB"),
     ]))
+
+
+def stats_settings(cfg) -> list:
+    """What the dense statistics of a compression depend on (besides the model)."""
+    return [cfg.calib, cfg.calib_windows, cfg.fisher_windows, cfg.seq_len, cfg.seed, cfg.batch_size,
+            cfg.needs_fisher, cfg.needs_inputs, cfg.sequential]
+
+
+def dense_stats(net, windows, cfg, key: str | None):
+    """``pipeline.dense_statistics``, loaded from / saved to ``$VAC_HOME/stats/KEY.pt`` when ``key``."""
+    import torch
+
+    from .corpora import cache_dir
+    from .pipeline import dense_statistics
+
+    path = cache_dir() / "stats" / f"compress-{key}.pt" if key else None
+    if path is not None and path.is_file():
+        err.print(f"dense statistics from {path}")
+        return torch.load(path, map_location=windows.device, weights_only=False)
+    stats = dense_statistics(net, windows, cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(stats, tmp)
+        tmp.replace(path)
+    return stats
 
 
 # commands defined in their own modules register themselves on `app`
