@@ -170,9 +170,10 @@ def compress(
     shapes = {n: tuple(m.weight.shape) for n, m in net.named_modules() if hasattr(m, "weight")
               and m.weight is not None and m.weight.dim() == 2}
     t0 = time.perf_counter()
-    stats = dense_stats(net, windows.to(target), cfg, cache_key(source, *stats_settings(cfg)) if stats_cache else None)
+    stats = [dense_stats(net, windows.to(target), cfg, cache_key(source, *stats_settings(cfg)) if stats_cache else None)]
     stats_seconds = time.perf_counter() - t0
-    result = run_compress(net, windows, cfg, stats=stats)
+    # handed over, not kept here: compress frees each layer's statistics once that layer is done
+    result = run_compress(net, windows, cfg, stats=stats.pop())
     result.seconds["statistics"] = stats_seconds
     after = measured_ppl(net, tok, source, eval_data, seq_len, eval_windows) if eval_data else None
     n_layers = len(net.get_submodule(arch.layers))
