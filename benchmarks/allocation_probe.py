@@ -18,14 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from quality import shared_statistics
-
 from vac.arch import arch_for
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
+from vac.diskcache import cached_dense_statistics
 from vac.evaluate import perplexity
 from vac.pipeline import VacConfig, compress, matrices_of
-from vac.zoo import load_model
+from vac.zoo import load_model, resolve_model
 
 SETUP = {"model": "smollm2-135m", "calib": DEFAULT_CALIB, "calib_windows": 64, "fisher_windows": 16,
          "seq_len": 512}
@@ -46,7 +44,9 @@ def main(variants, ratio=1.8):
     base, tok = load_model(SETUP["model"])
     calib = sample_windows(tok, SETUP["calib"], SETUP["seq_len"], SETUP["calib_windows"], seed=0)
     held_out = eval_windows(tok, DEFAULT_EVAL, SETUP["seq_len"], 10)
-    stats = shared_statistics(base, calib, SETUP)
+    stats = cached_dense_statistics(base, calib, VacConfig(  # the quality benchmark's shared statistics
+        method="vac", sequential=False, calib=SETUP["calib"], calib_windows=SETUP["calib_windows"],
+        fisher_windows=SETUP["fisher_windows"], seq_len=SETUP["seq_len"]), resolve_model(SETUP["model"]))
     for variant in variants:
         spec, _, attn = variant.partition("@")
         method, allocation, *exponent = spec.split(":")

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from vac.corpora import cache_dir
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
+from vac.diskcache import cached_dense_statistics
 from vac.evaluate import perplexity
-from vac.pipeline import VacConfig, compress, dense_statistics
-from vac.zoo import load_model
+from vac.pipeline import VacConfig, compress
+from vac.zoo import load_model, resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,7 +57,10 @@ def main(argv=None):
         result["dense"] = perplexity(model, held_out)
         save(result, args.out)
     t0 = time.perf_counter()
-    shared = shared_statistics(model, calib, setup)
+    # dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached
+    shared = cached_dense_statistics(model, calib, VacConfig(
+        method="vac", sequential=False, calib=args.calib, calib_windows=args.calib_windows,
+        fisher_windows=args.fisher_windows, seq_len=args.seq_len), resolve_model(args.model))
     stats_seconds = time.perf_counter() - t0
     for ratio in args.ratios:
         for method in args.methods:
@@ -84,21 +84,6 @@ def main(argv=None):
             del student
     write_table(result, args.out.with_suffix(".md"))
     plot(result, args.out.with_suffix(".png"))
-
-
-def shared_statistics(model, calib, setup: dict):
-    """Dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached."""
-    key = [setup[k] for k in ("model", "calib", "calib_windows", "fisher_windows", "seq_len")]
-    cached = cache_dir() / "stats" / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20] + ".pt")
-    if cached.is_file():
-        return torch.load(cached, weights_only=False)
-    shared = dense_statistics(
-        model, calib, VacConfig(method="vac", sequential=False, fisher_windows=setup["fisher_windows"])
-    )
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(shared, cached.with_suffix(".tmp"))
-    cached.with_suffix(".tmp").replace(cached)
-    return shared
 
 
 def save(result, path: Path):

@@ -8,15 +8,17 @@ strategy, plus a plain verdict (a gain, or no gain, with the numbers). The searc
 live in ``--work`` (outside the repository: the statistics and factor caches take ~2 GB for the
 135M model); rerunning the command resumes.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search.py          # full run (<= 60 min on 2 cores)
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/search.py --minutes 3 --calib-windows 4 \\
+    .venv/bin/python benchmarks/search.py              # full run (<= 60 min on 2 cores)
+    .venv/bin/python benchmarks/search.py --ablation   # the ablation table, same --work (~50 min)
+    .venv/bin/python benchmarks/search.py --minutes 3 --calib-windows 4 \\
         --fisher-windows 2 --seq-len 64 --search-windows 2 --eval-windows 2 --population 3 \\
         --generations 1 --top-k 1 --work /tmp/vac-search-smoke --out /tmp/vac-search-smoke.json
 
-The second line is an end-to-end smoke check; its floor is the statistics plus one full sequential
+The smoke line is an end-to-end check; its floor is the statistics plus one full sequential
 compression of the default (about 4.5 min on a busy 2-core machine: 420 weighted SVDs), so the budget
-stops it before any generation. On a CPU shared with other jobs, one OpenMP thread was 2x (large
-matmuls) to 800x (tiny ones) faster than two: hence ``OMP_NUM_THREADS=1``.
+stops it before any generation. The committed results ran on a quiet machine with torch's default
+threads (2); on a CPU shared with other jobs prefix ``OMP_NUM_THREADS=1`` (there one OpenMP thread was
+2x (large matmuls) to 800x (tiny ones) faster than two).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from vac.ablation import run_ablation
 from vac.corpora import cache_dir
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
-from vac.search import SearchSetup, run_search
+from vac.search import run_search
+from vac.search_space import SearchSetup
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--work", type=Path, default=cache_dir() / "runs" / "search-benchmark")
     ap.add_argument("--out", type=Path, default=RESULTS / "search.json")
+    ap.add_argument("--ablation", action="store_true", help="instead of the search: the ablation study "
+                    "(vac search --ablation) in --work, copied to results/ablation.{json,md}")
     args = ap.parse_args(argv)
 
     setup = SearchSetup(
@@ -62,6 +68,12 @@ def main(argv=None):
         eval_windows=args.eval_windows, calib=args.calib, calib_windows=args.calib_windows,
         fisher_windows=args.fisher_windows, seq_len=args.seq_len, top_k=args.top_k,
     )
+    if args.ablation:
+        run_ablation(setup, args.work)
+        for suffix in (".json", ".md"):
+            shutil.copyfile(args.work / f"ablation{suffix}", RESULTS / f"ablation{suffix}")
+        print((RESULTS / "ablation.md").read_text())
+        return
     summary = run_search(setup, args.work, args.generations, budget_minutes=args.minutes, workers=args.workers)
     w, d = summary["winner"], summary["default"]
     default_ppl, best_ppl = d["eval_ppl"], w["eval_ppl"]

@@ -11,20 +11,8 @@ import torch
 from conftest import VOCAB, tiny_llama, tiny_tokenizer, tokens
 
 from vac import checkpoint
-from vac.distill import (
-    DataMix,
-    DistillConfig,
-    Samples,
-    builtin_chat,
-    check_no_overlap,
-    freeze_,
-    kd_loss,
-    lr_lambda,
-    param_groups,
-    read_chat_jsonl,
-    render_chat,
-    run_distill,
-)
+from vac.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
+from vac.distill_data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
 from vac.errors import VacError
 from vac.layers import factorize_
 
@@ -291,7 +279,8 @@ def test_teacher_cache_replaces_the_teacher(tmp_path):
 SCRIPT = """
 import json, sys, torch
 from vac import checkpoint
-from vac.distill import DataMix, DistillConfig, Samples, run_distill
+from vac.distill import DistillConfig, run_distill
+from vac.distill_data import DataMix, Samples
 text, chat = torch.load(sys.argv[3])
 for out, cfg in json.loads(sys.argv[4]):  # one launch, several runs (process start-up is the slow part)
     student, _ = checkpoint.load(sys.argv[1])

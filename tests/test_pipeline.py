@@ -11,7 +11,7 @@ from vac.arch import arch_for
 from vac.checkpoint.hf.modeling_vac import LowRankLinear
 from vac.errors import VacError
 from vac.factorize import METHODS
-from vac.pipeline import VacConfig, compress, layer_order, matrices_of
+from vac.pipeline import VacConfig, compress, layer_order, matrices_of, sequential_passes
 
 from conftest import tiny_llama, tokens
 
@@ -226,6 +226,20 @@ def test_sequential_order_changes_the_result():
     assert differing == {"1", "2", "3"}
     ids = tokens(2, 20, seed=7)
     assert not torch.allclose(logits(a, ids), logits(b, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["front-to-back", "middle-out", "back-to-front", "3,0,5,1,4,2"])
+def test_sequential_passes_counts_the_layer_passes_compress_reruns(order):
+    """The search costs an order by ``sequential_passes``: it must count what ``compress`` re-runs."""
+    _, result = run(config(method="vac", allocation="uniform", order=order), layers=6)
+    assert result.recompute[0] == sequential_passes(layer_order(order, 6))
+    assert result.recompute[1] > 0
+
+
+def test_sequential_passes_grow_quadratically_away_from_front_to_back():
+    assert sequential_passes(list(range(30))) == 29  # one pass per layer boundary
+    assert sequential_passes(layer_order("back-to-front", 30)) == 29 * 30 // 2
+    assert 250 < sequential_passes(layer_order("middle-out", 30)) < 30 * 30 // 2
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])

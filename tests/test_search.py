@@ -16,11 +16,10 @@ from vac.corpora import CORPORA, SPLIT_DOCS
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, eval_windows, sample_windows
 from vac.errors import VacError
 from vac.evaluate import perplexity
-from vac.pipeline import VacConfig, allocate, compress
-from vac.search import (
-    FactorCache, Genome, ProxyScorer, SearchSetup, Space, cached_statistics, check_sources,
-    feasible_shares, load_strategy, run_search, source_units, statistics_key,
-)
+from vac.pipeline import VacConfig, allocate, compress, layer_order, sequential_passes
+from vac.search import load_strategy, rescore_seconds, run_search
+from vac.search_scoring import FactorCache, ProxyScorer, cached_statistics, statistics_key
+from vac.search_space import Genome, SearchSetup, Space, check_sources, feasible_shares, source_units
 from vac.zoo import load_model
 
 runner = CliRunner()
@@ -242,10 +241,10 @@ def test_cli_search_and_ablation(files, tmp_path):
     code, out, err = cli(*search_args(files, tmp_path / "abl", "--ablation"))
     assert code == 0, err
     doc = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert [r["study"] for r in doc["rows"]].count("exponent") == 4 and len(doc["rows"]) == 13
+    assert [r["study"] for r in doc["rows"]].count("exponent") == 5 and len(doc["rows"]) == 14
     assert all(r["ratio_reached"] >= 1.5 for r in doc["rows"])
     assert sum(r["default"] for r in doc["rows"]) == 4  # the default is one compression, shown in each study
-    assert len(doc["results"]) == 10
+    assert len(doc["results"]) == 11
     assert "| order | back-to-front |" in (tmp_path / "abl" / "ablation.md").read_text()
 
 
@@ -275,3 +274,12 @@ def test_compress_accepts_the_strategy_file(files, tmp_path):
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["config"] == winner["config"]  # the strategy replaces --ratio and --method
     assert report["ppl_after"]["ppl"] == pytest.approx(winner["search_ppl"], rel=1e-4)
+
+
+def test_rescore_estimate_prices_the_layer_order():
+    """The budget stop must see that a middle-out re-score re-runs far more layer passes."""
+    timing = {"full_compress_s": 200.0, "search_ppl_s": 10.0, "full_passes": 29, "pass_s": 2.0}
+    assert rescore_seconds(list(range(30)), timing) == 210.0
+    middle = rescore_seconds(layer_order("middle-out", 30), timing)
+    assert middle == 210.0 + 2.0 * (sequential_passes(layer_order("middle-out", 30)) - 29) > 700
+    assert rescore_seconds(list(range(30)), {}) == 0.0  # nothing measured yet

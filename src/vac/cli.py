@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import resource
 import sys
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 
 from .data import DEFAULT_CALIB, DEFAULT_EVAL
+from .diskcache import cache_key, cached_dense_statistics
 from .errors import VacError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -38,15 +38,6 @@ def friendly(fn):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cache_key(source: str, *settings) -> str | None:
-    """A disk-cache key for results of an unchanged model folder (None for anything else)."""
-    if not Path(source).is_dir():
-        return None
-    weights = sorted(Path(source).glob("*.safetensors"))
-    stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
-    return hashlib.sha256(json.dumps([str(Path(source).resolve()), stamp, *settings]).encode()).hexdigest()[:24]
 
 
 def measured_ppl(model, tokenizer, source: str, data: str, seq_len: int, windows: int, cache=False):
@@ -170,7 +161,7 @@ def compress(
     shapes = {n: tuple(m.weight.shape) for n, m in net.named_modules() if hasattr(m, "weight")
               and m.weight is not None and m.weight.dim() == 2}
     t0 = time.perf_counter()
-    stats = [dense_stats(net, windows.to(target), cfg, cache_key(source, *stats_settings(cfg)) if stats_cache else None)]
+    stats = [cached_dense_statistics(net, windows.to(target), cfg, source if stats_cache else None, log=err.print)]
     stats_seconds = time.perf_counter() - t0
     # handed over, not kept here: compress frees each layer's statistics once that layer is done
     result = run_compress(net, windows, cfg, stats=stats.pop())
@@ -211,32 +202,6 @@ def compress(
         ("time", f"{report['seconds']['total']:.0f} s"),
         ("peak RSS", f"{report['peak_rss_mb']:.0f} MB"),
     ]))
-
-
-def stats_settings(cfg) -> list:
-    """What the dense statistics of a compression depend on (besides the model)."""
-    return [cfg.calib, cfg.calib_windows, cfg.fisher_windows, cfg.seq_len, cfg.seed, cfg.batch_size,
-            cfg.needs_fisher, cfg.needs_inputs, cfg.sequential]
-
-
-def dense_stats(net, windows, cfg, key: str | None):
-    """``pipeline.dense_statistics``, loaded from / saved to ``$VAC_HOME/stats/KEY.pt`` when ``key``."""
-    import torch
-
-    from .corpora import cache_dir
-    from .pipeline import dense_statistics
-
-    path = cache_dir() / "stats" / f"compress-{key}.pt" if key else None
-    if path is not None and path.is_file():
-        err.print(f"dense statistics from {path}")
-        return torch.load(path, map_location=windows.device, weights_only=False)
-    stats = dense_statistics(net, windows, cfg)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(stats, tmp)
-        tmp.replace(path)
-    return stats
 
 
 # commands defined in their own modules register themselves on `app`

@@ -65,7 +65,8 @@ def distill(
 
     from . import checkpoint
     from .data import eval_windows as protocol_windows
-    from .distill import DistillConfig, build_mix, check_no_overlap, copy_reports, init_distributed, run_distill
+    from .distill import DistillConfig, copy_reports, init_distributed, run_distill
+    from .distill_data import build_mix, check_no_overlap
     from .report import summary_table
     from .zoo import load_model, resolve_model
 

@@ -41,8 +41,9 @@ def search(
                                   "changed (order, Fisher exponent, allocation), scored on search and eval"),
 ):
     """Search compression strategies for MODEL at --ratio; write the best as OUT/strategy.json."""
+    from .ablation import ablation_table, run_ablation
     from .report import summary_table
-    from .search import SearchSetup, ablation_table, run_ablation, run_search, top_table
+    from .search import SearchSetup, run_search, top_table
 
     setup = SearchSetup(
         model=model, ratio=ratio, population=population, seed=seed, search_data=search_data,

@@ -256,6 +256,8 @@ class Result:
     params_before: int
     params_after: int
     seconds: dict[str, float] = field(default_factory=dict)
+    # sequential only: decoder-layer passes re-run to get inputs of later layers, and their seconds
+    recompute: tuple[int, float] = (0, 0.0)
 
     @property
     def ratio(self) -> float:
@@ -287,27 +289,47 @@ def compress(
     lap("allocation")
     stream = LayerStream(model, arch)
     order = layer_order(cfg.order, len(stream))
+    recompute = [0, 0.0]
     if not cfg.sequential:
         for i in tqdm(order, desc=f"factorize ({cfg.method})", unit="layer", disable=not progress):
             factorize_layer(model, i, ranks, stats, cfg)
     else:
-        _sequential(model, stream, order, windows, ranks, stats, cfg, progress)
+        _sequential(model, stream, order, windows, ranks, stats, cfg, progress, recompute)
     lap("factorization")
     clock.pop("_last")
     clock.pop("start")
     kept = {p: r for p, r in ranks.items() if r != DENSE}
-    return Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
+    return Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock,
+                  (recompute[0], recompute[1]))
 
 
-def _advance(stream, cache: dict, i: int, batches, module_of) -> list[torch.Tensor]:
-    """Hidden states entering layer ``i``, from the nearest cached boundary below; caches them."""
+def _advance(stream, cache: dict, i: int, batches, module_of, tally=None) -> list[torch.Tensor]:
+    """Hidden states entering layer ``i``, from the nearest cached boundary below; caches them.
+    ``tally`` ([passes, seconds]) accumulates the layer passes this took."""
+    t0 = time.perf_counter()
     start = max(b for b in cache if b <= i)
     hidden = cache[start]
     with torch.no_grad():
         for j in range(start, i):
             hidden = [stream.layer(j, h, b, module_of(j)) for h, b in zip(hidden, batches)]
     cache[i] = hidden
+    if tally is not None:
+        tally[0] += i - start
+        tally[1] += time.perf_counter() - t0
     return hidden
+
+
+def sequential_passes(order: list[int]) -> int:
+    """Decoder-layer passes ``_sequential`` re-runs (without ``correct``) to feed the layers in
+    ``order``: L − 1 front-to-back, about L²/3 middle-out (each step back up the stack re-runs every
+    layer changed since). Mirrors its boundary cache; the search uses it to cost an order."""
+    cache, remaining, passes = {0}, list(order), 0
+    for i in order:
+        remaining.remove(i)
+        passes += i - max(b for b in cache if b <= i)
+        valid = {b for b in cache | {i} if b <= i}
+        cache = {b for b in valid if b in {max(x for x in valid if x <= j) for j in remaining}}
+    return passes
 
 
 def _starts(cache: dict, remaining: list[int]) -> dict[int, int]:
@@ -315,7 +337,7 @@ def _starts(cache: dict, remaining: list[int]) -> dict[int, int]:
     return {j: max(b for b in cache if b <= j) for j in remaining}
 
 
-def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
+def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tally=None):
     """Factorize layers in ``order``, each from input statistics of windows that passed through the
     layers below it in their current (partly compressed) state.
 
@@ -333,7 +355,7 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress):
     bar = tqdm(order, desc=f"factorize ({cfg.method}, sequential)", unit="layer", disable=not progress)
     for i in bar:
         remaining.remove(i)
-        hidden = _advance(stream, compressed, i, batches, lambda j: None)
+        hidden = _advance(stream, compressed, i, batches, lambda j: None, tally)
         if cfg.correct:
             dense_hidden = _advance(stream, dense, i, batches, lambda j: originals.get(j))
             layer_stats, dense[i + 1] = layer_pair_stats(stream, i, hidden, dense_hidden, batches)
