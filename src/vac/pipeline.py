@@ -300,7 +300,7 @@ def compress(
     clock.pop("start")
     kept = {p: r for p, r in ranks.items() if r != DENSE}
     return Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock,
-                  (recompute[0], recompute[1]))
+                  tuple(recompute))
 
 
 def _advance(stream, cache: dict, i: int, batches, module_of, tally=None) -> list[torch.Tensor]:
@@ -328,11 +328,11 @@ def sequential_passes(order: list[int]) -> int:
         remaining.remove(i)
         passes += i - max(b for b in cache if b <= i)
         valid = {b for b in cache | {i} if b <= i}
-        cache = {b for b in valid if b in {max(x for x in valid if x <= j) for j in remaining}}
+        cache = {b for b in valid if b in _starts(valid, remaining).values()}
     return passes
 
 
-def _starts(cache: dict, remaining: list[int]) -> dict[int, int]:
+def _starts(cache, remaining: list[int]) -> dict[int, int]:
     """For each layer still to do, the cached boundary its inputs would be computed from."""
     return {j: max(b for b in cache if b <= j) for j in remaining}
 
