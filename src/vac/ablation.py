@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .atomic import atomic_write, write_json
 from .data import eval_windows, sample_windows
 from .errors import VacError
 from .evaluate import perplexity
@@ -24,13 +25,7 @@ from .pipeline import (
     matrices_of,
 )
 from .search import _stderr
-from .search_scoring import (
-    atomic_write,
-    cached_statistics,
-    full_compress,
-    statistics_key,
-    write_json,
-)
+from .search_scoring import cached_statistics, full_compress, statistics_key
 from .search_space import SearchSetup, check_sources, component_ratios, max_step
 
 

@@ -6,8 +6,12 @@ Protocol (what ``vac bench`` prints beside its numbers):
 * **decode**: greedy ``generate`` with the KV cache after a short prompt (llama-bench's tg<N>), forced
   to ``decode_tokens`` new tokens (``min_new_tokens = max_new_tokens``); tokens/s from
   ``time(N tokens) - time(1 token)``, so generate's fixed costs and the prompt cancel out.
-* the vac models get :func:`fast_decode_` (``up`` factors column-major, direct ``F.linear`` calls)
-  unless ``decode_layout=False``; the dense model is run exactly as transformers loads it.
+* the vac models get :func:`~vac.decode.fast_decode_` (``up`` factors column-major, direct
+  ``F.linear`` calls, sibling ``down`` factors stacked) unless ``decode_layout=False``; the dense
+  model is run exactly as transformers loads it.
+* ``use_compile`` (``vac bench --compile``): every model, the dense one too, runs its forward through
+  ``torch.compile`` and decodes with a static KV cache, which removes most of the per-token work
+  outside the linears (norms, rotary, attention glue) that eager mode pays alike in both models.
 * the models run in turn (dense, factorized, int8, dense, ...), ``repeats`` rounds after one warm-up;
   the best round of each counts, so that noise from other processes on the machine hurts every model
   alike and is filtered out.
@@ -24,15 +28,13 @@ import json
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .decode import fast_decode_
 from .errors import VacError
-
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -203,46 +205,6 @@ def _touch(t: torch.Tensor) -> None:
         t.sum()
 
 
-# ------------------------------------------------------------------------------- decode layout
-
-
-def _low_rank_forward(self, x):
-    return F.linear(F.linear(x, self.down.weight), self.up.weight, self.up.bias)
-
-
-def fast_decode_(model):
-    """Prepare the LowRankLinear layers of a loaded model for fast decoding, in place; same outputs.
-
-    * ``up`` weights ([out, rank]) are re-laid out column-major (``w.t().contiguous().t()``: same
-      shape and values, ``stride == (1, out)``). A batch-1 decode step multiplies a vector by each
-      weight; with the stock row-major layout the ``up`` product is a dot product over rows only
-      ``rank`` long, which MKL streams at about half the memory bandwidth of the transposed
-      (axpy-like) form. Prefill GEMMs are indifferent to the layout. Costs a copy of the ``up``
-      factors (the mmap-backed originals then stay mapped; those pages are clean and reclaimable).
-    * ``forward`` calls ``F.linear`` twice directly instead of the two ``nn.Linear`` submodules
-      (saves two module calls per layer and token); layers whose ``down``/``up`` carry hooks keep
-      the stock forward. Int8 (torchao) weights keep their layout and get only this.
-
-    ``save_pretrained`` still writes the standard format (it makes tensors contiguous). Returns the
-    number of layers changed.
-    """
-    from .checkpoint.hf.modeling_vac import LowRankLinear
-
-    changed = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, LowRankLinear):
-                continue
-            up = module.up.weight
-            if type(up.data) is torch.Tensor and up.dim() == 2 and up.stride(0) != 1:
-                up.data = up.data.t().contiguous().t()
-            hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (module.down, module.up))
-            if not hooked:
-                module.forward = types.MethodType(_low_rank_forward, module)
-            changed += 1
-    return changed
-
-
 # ------------------------------------------------------------------------------------------- timing
 
 
@@ -252,10 +214,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def _generate(model, ids, n: int):
+def _generate(model, ids, n: int, static: bool = False):
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        use_cache=True, pad_token_id=0, eos_token_id=None,
+        use_cache=True, pad_token_id=0, eos_token_id=None, **({"cache_implementation": "static"} if static else {}),
     )
 
 
@@ -288,13 +250,16 @@ def bench(
     load_rss: bool = True,
     decode_layout: bool = True,
     compare_stock: bool = False,
+    use_compile: bool = False,
     log=None,
 ) -> dict:
     """Dense ``baseline`` vs the vac checkpoint ``ckpt_dir`` (vs its int8 copy ``int8_dir``) in one
     process, fp32 activations, batch 1; see the module docstring for the protocol.
 
     ``decode_layout`` applies :func:`fast_decode_` to the vac models (``compare_stock`` also runs the
-    checkpoint as loaded, as ``vac-stock``). Returns one dict with ``decode_speedup``,
+    checkpoint as loaded, as ``vac-stock``). ``use_compile``: every model's forward goes through
+    ``torch.compile`` (inductor, static shapes) and decodes with a static KV cache; the warm-up round
+    then pays the compilations (minutes on 2 cores). Returns one dict with ``decode_speedup``,
     ``prefill_speedup``, ``flops_ratio``, ``threads`` and every raw number under ``models``."""
     from . import checkpoint
     from .quantize import fast_int8_loading
@@ -342,8 +307,11 @@ def bench(
             "disk_bytes": weights_bytes(folder) if folder else None,
             "resident_bytes": resident,
             "quantized": getattr(model.config, "quantization_config", None) is not None,
-            "fast_decode": bool(fast and fast_decode_(model)),
+            # SharedDown's per-input cache is Python state that a compiled graph would not see
+            "fast_decode": bool(fast and fast_decode_(model, fuse=not use_compile)),
         }
+        if use_compile:
+            model.forward = torch.compile(model.forward, dynamic=False)
         if load_rss and folder is not None:
             if source not in probes:
                 log(f"measuring the load of {name} in a fresh process")
@@ -363,8 +331,8 @@ def bench(
             for name in order:
                 model = models[name]
                 t_pre = _timed(lambda: model(prompt, use_cache=False))
-                t_1 = _timed(lambda: _generate(model, short, 1))
-                t_n = _timed(lambda: _generate(model, short, decode_tokens))
+                t_1 = _timed(lambda: _generate(model, short, 1, use_compile))
+                t_n = _timed(lambda: _generate(model, short, decode_tokens, use_compile))
                 if rnd:
                     for key, value in zip(times[name], (t_pre, t_1, t_n)):
                         times[name][key].append(value)
@@ -398,6 +366,7 @@ def bench(
         "flops_ratio": dense["linear_macs_per_token"] / results["vac"]["linear_macs_per_token"],
         "threads": threads,
         "fast_decode": decode_layout,
+        "compiled": use_compile,
         "activations": "float32",
         "prompt_len": prompt_len,
         "decode_tokens": decode_tokens,
@@ -410,7 +379,8 @@ def bench(
                      f"tokens, use_cache=False; decode = greedy generate with KV cache after a "
                      f"{DECODE_PROMPT}-token prompt, time(tg{decode_tokens}) - time(tg1) for "
                      f"{decode_tokens - 1} tokens; models alternate, best of {repeats} rounds after one "
-                     "warm-up"),
+                     "warm-up" + ("; every model's forward torch.compile'd (inductor, static shapes, static "
+                                  "KV cache)" if use_compile else "; eager")),
     }
     if "vac-stock" in results:
         out.update(speedups("vac-stock", "stock_"))

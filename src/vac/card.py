@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import VacError
 
 REPORT, BENCH, QUANTIZE, LMEVAL = "report.json", "bench.json", "quantize.json", "lm_eval.json"
@@ -329,13 +329,4 @@ def _limitations_section(report: dict | None, model: str | None, lmeval: dict | 
 def write_card(folder: str | os.PathLike) -> Path:
     """Write ``folder/README.md`` atomically (temp file in the folder, then one rename)."""
     folder = Path(folder)
-    text = build_card(folder)
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, folder / "README.md")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / "README.md"
+    return atomic_write(folder / "README.md", build_card(folder))

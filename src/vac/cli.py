@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .atomic import write_json
 from .data import DEFAULT_CALIB, DEFAULT_EVAL
 from .diskcache import cache_key, cached_dense_statistics
 from .errors import VacError
@@ -54,8 +55,7 @@ def measured_ppl(model, tokenizer, source: str, data: str, seq_len: int, windows
             return json.loads(path.read_text())
     result = perplexity(model, eval_windows(tokenizer, data, seq_len, windows)) | {"data": data}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result))
+        write_json(path, result, indent=None)
     return result
 
 

@@ -66,8 +66,10 @@ def bench_cmd(
     repeats: int = typer.Option(3, help="rounds (after one warm-up); the best counts"),
     threads: Optional[int] = typer.Option(None, help="torch threads [default: torch's]"),
     fast_decode: bool = typer.Option(True, "--fast-decode/--stock",
-                                     help="decode layout for the vac models (see vac.bench.fast_decode_)"),
+                                     help="decode layout for the vac models (see vac.decode.fast_decode_)"),
     compare_stock: bool = typer.Option(False, help="also run the checkpoint as loaded (vac-stock)"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile every model (dense too) and decode with "
+                                  "a static KV cache; compiling takes minutes"),
     load_rss: bool = typer.Option(True, "--load-rss/--no-load-rss",
                                   help="measure each folder's load in a fresh process (peak RSS)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
@@ -80,6 +82,7 @@ def bench_cmd(
     result = bench(
         checkpoint_dir, baseline, int8, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
         threads=threads, load_rss=load_rss, decode_layout=fast_decode, compare_stock=compare_stock,
+        use_compile=compile_,
         log=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
     )
     result["command"] = " ".join(["vac"] + sys.argv[1:])

@@ -48,12 +48,14 @@ def chat(
 ):
     """Chat with MODEL through its chat template; the <think> block is shown apart from the answer."""
     from .chat import generate_reply, trim_history
+    from .decode import fast_decode_
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise VacError("the prompt is empty")
     net, tok = _load(model)
+    fast_decode_(net)  # vac checkpoints: the batch-1 decode layout (no-op for dense models)
     messages = [{"role": "system", "content": system}] if system else []
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 

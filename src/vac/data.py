@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from .atomic import torch_save
 from .corpora import cache_dir, read_source
 from .errors import VacError
 
@@ -34,10 +35,7 @@ def token_stream(tokenizer, spec: str) -> torch.Tensor:
     for _, text in docs:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
     stream = torch.tensor(ids, dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(stream, tmp)
-    tmp.replace(path)
+    torch_save(stream, path)
     return stream
 
 

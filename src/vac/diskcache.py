@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from .atomic import torch_save
 from .corpora import cache_dir
 
 
@@ -45,8 +45,5 @@ def cached_dense_statistics(net, windows: torch.Tensor, cfg, source: str | None,
         return torch.load(path, map_location=windows.device, weights_only=False)
     stats = dense_statistics(net, windows, cfg)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(stats, tmp)
-        os.replace(tmp, path)
+        torch_save(stats, path)
     return stats

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import arch_for
+from .atomic import atomic_write, write_json
 from .checkpoint.hf.modeling_vac import LowRankLinear
 from .distill_data import DataMix
 from .errors import VacError
@@ -180,7 +181,7 @@ class TopKCache:
                                f"not {teacher_id} with k={k}; use another folder")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+            write_json(meta_path, meta)
 
     def _path(self, ids: torch.Tensor, mask: torch.Tensor) -> Path:
         key = hashlib.sha256(ids.numpy().astype(np.int64).tobytes() + mask.numpy().tobytes()).hexdigest()
@@ -214,18 +215,11 @@ class TopKCache:
                 entry = (values[j].half().cpu(), indices[j].int().cpu())
                 buffer = io.BytesIO()
                 torch.save(entry, buffer)
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(paths[i], buffer.getvalue())
+                atomic_write(paths[i], buffer.getvalue())
                 entries[i] = entry
         values = torch.stack([e[0] for e in entries]).float().to(device)
         indices = torch.stack([e[1] for e in entries]).long().to(device)
         return values, indices
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ============================================================================ parameter groups

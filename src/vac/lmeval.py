@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from .atomic import atomic_write, write_json
 from .data import DEFAULT_EVAL
 from .errors import VacError
 
@@ -68,10 +69,7 @@ def local_ppl_task(data: str = DEFAULT_EVAL, chunk_chars: int = 4000) -> tuple[d
     body = "".join(json.dumps({"text": text, "label": label}) + "\n" for label, text in items)
     path = cache_dir() / "lmeval" / f"{hashlib.sha256(body.encode()).hexdigest()[:24]}.jsonl"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(body)
-        tmp.replace(path)
+        atomic_write(path, body)
     config = {
         "task": LOCAL_PPL,
         "dataset_path": "json",
@@ -169,9 +167,4 @@ def run_tasks(
 
 def save_results(folder: str | os.PathLike, results: dict) -> Path:
     """Write ``folder/lm_eval.json`` atomically (read by ``vac card``)."""
-    folder = Path(folder)
-    path = folder / "lm_eval.json"
-    tmp = path.with_name(f".lm_eval.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json(Path(folder) / "lm_eval.json", results, indent=2)

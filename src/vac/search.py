@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 
 from .arch import arch_for
+from .atomic import atomic_write, write_json
 from .data import eval_windows, sample_windows
 from .errors import VacError
 from .evaluate import perplexity
@@ -61,14 +62,12 @@ from .pipeline import VacConfig, check_budget, sequential_passes
 from .search_scoring import (
     FactorCache,
     ProxyScorer,
-    atomic_write,
     cached_statistics,
     finite,
     full_compress,
     statistics_key,
     worker_init,
     worker_score,
-    write_json,
 )
 from .search_space import Genome, SearchSetup, Space, check_sources, feasible_shares
 

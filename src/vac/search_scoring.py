@@ -17,6 +17,7 @@ import torch
 
 from .allocate import DENSE, Matrix, total_params
 from .arch import arch_for
+from .atomic import torch_save
 from .calibrate import FisherStats, InputStats, Statistics
 from .evaluate import perplexity
 from .factorize import decompose, tail_energy, weighting
@@ -33,17 +34,6 @@ from .pipeline import (
 from .search_space import Genome, SearchSetup, assert_budget, max_step
 
 # ----------------------------------------------------------------------------- caches
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def statistics_key(setup: SearchSetup) -> str:
@@ -88,10 +78,7 @@ def cached_statistics(model, calib: torch.Tensor, setup: SearchSetup, folder: Pa
     proxy = Statistics(inputs, seq.fisher)
     packed = {"proxy": _pack_inputs(proxy.inputs), "sequential": _pack_inputs(seq.inputs),
               "fisher": {p: {"row": f.row, "col": f.col, "windows": f.windows} for p, f in seq.fisher.items()}}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(packed, tmp)
-    os.replace(tmp, path)
+    torch_save(packed, path)
     return proxy, seq
 
 

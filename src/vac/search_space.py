@@ -18,7 +18,7 @@ from typing import Callable
 from .allocate import DENSE, Matrix
 from .arch import arch_for
 from .corpora import CORPORA, split_docs
-from .data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
+from .data import DEFAULT_EVAL, DEFAULT_SEARCH
 from .errors import VacError
 from .pipeline import (
     ORDERS,
@@ -265,6 +265,9 @@ def check_sources(calib: str, search: str, evaluation: str | None) -> None:
 # ----------------------------------------------------------------------------- setup, budget
 
 
+SHARED_FIELDS = ("calib", "calib_windows", "fisher_windows", "seq_len", "rank_step", "rank_floor")
+
+
 @dataclass
 class SearchSetup:
     """Everything that decides a search's result (the run length, clock and workers do not)."""
@@ -277,12 +280,13 @@ class SearchSetup:
     search_windows: int = 8
     eval_data: str = DEFAULT_EVAL
     eval_windows: int = 40
-    calib: str = DEFAULT_CALIB
-    calib_windows: int = 64
-    fisher_windows: int = 16
-    seq_len: int = 512
-    rank_step: int = 8
-    rank_floor: int = 8
+    # SHARED_FIELDS: passed unchanged to every genome's VacConfig, with its defaults
+    calib: str = VacConfig.calib
+    calib_windows: int = VacConfig.calib_windows
+    fisher_windows: int = VacConfig.fisher_windows
+    seq_len: int = VacConfig.seq_len
+    rank_step: int = VacConfig.rank_step
+    rank_floor: int = VacConfig.rank_floor
     top_k: int = 3
     proxy: bool = True
     methods: tuple[str, ...] = SEARCH_METHODS
@@ -303,9 +307,7 @@ class SearchSetup:
 
     def data(self) -> dict:
         """The VacConfig fields every genome shares (calibration sampling seed 0, as `vac compress`)."""
-        return {"calib": self.calib, "calib_windows": self.calib_windows,
-                "fisher_windows": self.fisher_windows, "seq_len": self.seq_len,
-                "rank_step": self.rank_step, "rank_floor": self.rank_floor}
+        return {name: getattr(self, name) for name in SHARED_FIELDS}
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

@@ -1,0 +1,129 @@
+"""Where batch-1 decode time goes, dense vs vac: the linears alone vs the whole generate step.
+
+For the dense model and the vac checkpoint as loaded (``stock``), with :func:`vac.decode.fast_decode_`
+without stacking (``layout``), and with stacked sibling ``down`` factors (``fused``), measures per
+decoded token
+
+* ``step_ms``: greedy ``generate`` with the KV cache, ``(time(tg N) - time(tg 1)) / (N - 1)``, as ``vac bench``;
+* ``linears_ms``: every linear of the decoder and the LM head called once, in forward order, on
+  random vectors (what the weight-FLOP ratio predicts), the rest of the step is attention, norms,
+  rotary embeddings and generate's own work.
+
+Variants alternate, best of ``--repeats`` rounds after a warm-up. Writes
+``benchmarks/results/decode_probe.json``.
+
+    .venv/bin/python benchmarks/decode_probe.py runs/smollm2-1.8x-depth --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vac import checkpoint
+from vac.bench import linear_macs
+from vac.decode import fast_decode_
+from vac.zoo import load_model
+
+RESULTS = Path(__file__).parent / "results"
+ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_pass(model):
+    """A function running each linear of one decode step once, in forward order, on random vectors.
+
+    Siblings (q/k/v, gate/up) get the same input tensor, as in the model; consecutive passes use
+    different tensors, as consecutive tokens do (a stacked ``down`` is computed once per pass)."""
+    plan = []  # (module, input index)
+    dims = []
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in ORDER:
+                module = getattr(parent, name, None)
+                if module is None:
+                    continue
+                if name in ("q_proj", "gate_proj", "o_proj", "down_proj"):
+                    dims.append(module.in_features)
+                plan.append((module, len(dims) - 1))
+    plan.append((model.lm_head, len(dims)))
+    dims.append(model.lm_head.in_features)
+    inputs = [[torch.randn(1, 1, d) for d in dims] for _ in range(2)]
+
+    def run(index: int):
+        xs = inputs[index % 2]
+        for module, i in plan:
+            module(xs[i])
+
+    return run
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def generate(model, ids, n):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--baseline", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=RESULTS / "decode_probe.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    models = {"dense": load_model(args.baseline)[0]}
+    for name, fuse in (("vac-stock", None), ("vac-layout", False), ("vac-fused", True)):
+        model, _ = checkpoint.load(args.checkpoint, dtype=torch.float32)
+        if fuse is not None:
+            fast_decode_(model, fuse=fuse)
+        models[name] = model
+    ids = torch.randint(3, 40000, (1, 8), generator=torch.Generator().manual_seed(0))
+    times = {name: {"tg1": [], "tgN": [], "linears": []} for name in models}
+    with torch.inference_mode():
+        for rnd in range(args.repeats + 1):
+            for name, model in models.items():
+                run = linear_pass(model)
+                t1 = timed(lambda: generate(model, ids, 1))
+                tn = timed(lambda: generate(model, ids, args.tokens))
+                tl = min(timed(lambda i=i: run(i)) for i in range(4))
+                if rnd:
+                    for key, value in zip(("tg1", "tgN", "linears"), (t1, tn, tl)):
+                        times[name][key].append(value)
+            print(f"round {rnd}/{args.repeats}", flush=True)
+    rows = {}
+    for name, t in times.items():
+        step = (min(t["tgN"]) - min(t["tg1"])) / (args.tokens - 1)
+        lin = min(t["linears"])
+        rows[name] = {"step_ms": 1e3 * step, "linears_ms": 1e3 * lin, "rest_ms": 1e3 * (step - lin),
+                      "linear_macs_per_token": linear_macs(models[name])}
+    dense = rows["dense"]
+    for name, r in rows.items():
+        r["step_speedup"] = dense["step_ms"] / r["step_ms"]
+        r["linears_speedup"] = dense["linears_ms"] / r["linears_ms"]
+        r["flops_ratio"] = dense["linear_macs_per_token"] / r["linear_macs_per_token"]
+    doc = {"checkpoint": str(args.checkpoint), "baseline": args.baseline, "threads": args.threads,
+           "repeats": args.repeats, "decode_tokens": args.tokens, "torch": torch.__version__, "models": rows,
+           "protocol": "batch 1, fp32; step = greedy generate with KV cache after an 8-token prompt, "
+                       "(tg N - tg 1)/(N-1); linears = each linear once on random vectors; best of repeats"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"{'':12}{'step ms':>9}{'linears ms':>12}{'rest ms':>9}{'step x':>8}{'linears x':>11}{'flops x':>9}")
+    for name, r in rows.items():
+        print(f"{name:12}{r['step_ms']:9.2f}{r['linears_ms']:12.2f}{r['rest_ms']:9.2f}"
+              f"{r['step_speedup']:8.3f}{r['linears_speedup']:11.3f}{r['flops_ratio']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
