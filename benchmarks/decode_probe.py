@@ -1,13 +1,14 @@
 """Where batch-1 decode time goes, dense vs vac: the linears alone vs the whole generate step.
 
-For the dense model and the vac checkpoint as loaded (``stock``), with :func:`vac.decode.fast_decode_`
-without stacking (``layout``), and with stacked sibling ``down`` factors (``fused``), measures per
-decoded token
+For the dense model and the vac checkpoint as loaded (``stock``) and with
+:func:`vac.decode.fast_decode_` (``layout``), measures per decoded token
 
 * ``step_ms``: greedy ``generate`` with the KV cache, ``(time(tg N) - time(tg 1)) / (N - 1)``, as ``vac bench``;
 * ``linears_ms``: every linear of the decoder and the LM head called once, in forward order, on
   random vectors (what the weight-FLOP ratio predicts), the rest of the step is attention, norms,
-  rotary embeddings and generate's own work.
+  rotary embeddings and generate's own work;
+* ``prefill``: one forward of ``--prompt-len`` tokens under ``torch.profiler``, split into matrix
+  products (``aten::mm/addmm/bmm``, self time) and everything else.
 
 Variants alternate, best of ``--repeats`` rounds after a warm-up. Writes
 ``benchmarks/results/decode_probe.json``.
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from vac import checkpoint
 from vac.bench import linear_macs
@@ -37,7 +39,7 @@ def linear_pass(model):
     """A function running each linear of one decode step once, in forward order, on random vectors.
 
     Siblings (q/k/v, gate/up) get the same input tensor, as in the model; consecutive passes use
-    different tensors, as consecutive tokens do (a stacked ``down`` is computed once per pass)."""
+    different tensors, as consecutive tokens do."""
     plan = []  # (module, input index)
     dims = []
     for layer in model.model.layers:
@@ -61,6 +63,22 @@ def linear_pass(model):
     return run
 
 
+def prefill_split(model, prompt, repeats: int = 3) -> dict:
+    """Milliseconds of matrix products and of everything else in one forward (profiler self times;
+    the fastest of ``repeats`` profiled forwards after a warm-up)."""
+    model(prompt, use_cache=False)
+    best = None
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(prompt, use_cache=False)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e3
+        if best is None or total < best["total_ms"]:
+            best = {"total_ms": total, "matmul_ms": mm, "other_ms": total - mm}
+    return best
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -79,15 +97,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_probe.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     models = {"dense": load_model(args.baseline)[0]}
-    for name, fuse in (("vac-stock", None), ("vac-layout", False), ("vac-fused", True)):
+    for name, layout in (("vac-stock", False), ("vac-layout", True)):
         model, _ = checkpoint.load(args.checkpoint, dtype=torch.float32)
-        if fuse is not None:
-            fast_decode_(model, fuse=fuse)
+        if layout:
+            fast_decode_(model)
         models[name] = model
     ids = torch.randint(3, 40000, (1, 8), generator=torch.Generator().manual_seed(0))
     times = {name: {"tg1": [], "tgN": [], "linears": []} for name in models}
@@ -102,27 +121,36 @@ def main(argv=None):
                     for key, value in zip(("tg1", "tgN", "linears"), (t1, tn, tl)):
                         times[name][key].append(value)
             print(f"round {rnd}/{args.repeats}", flush=True)
+    prompt = torch.randint(3, 40000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        prefill = {name: prefill_split(model, prompt) for name, model in models.items()}
     rows = {}
     for name, t in times.items():
         step = (min(t["tgN"]) - min(t["tg1"])) / (args.tokens - 1)
         lin = min(t["linears"])
         rows[name] = {"step_ms": 1e3 * step, "linears_ms": 1e3 * lin, "rest_ms": 1e3 * (step - lin),
-                      "linear_macs_per_token": linear_macs(models[name])}
+                      "linear_macs_per_token": linear_macs(models[name]), "prefill": prefill[name]}
     dense = rows["dense"]
     for name, r in rows.items():
         r["step_speedup"] = dense["step_ms"] / r["step_ms"]
         r["linears_speedup"] = dense["linears_ms"] / r["linears_ms"]
         r["flops_ratio"] = dense["linear_macs_per_token"] / r["linear_macs_per_token"]
+        r["prefill"]["speedup"] = dense["prefill"]["total_ms"] / r["prefill"]["total_ms"]
+        r["prefill"]["matmul_speedup"] = dense["prefill"]["matmul_ms"] / r["prefill"]["matmul_ms"]
     doc = {"checkpoint": str(args.checkpoint), "baseline": args.baseline, "threads": args.threads,
            "repeats": args.repeats, "decode_tokens": args.tokens, "torch": torch.__version__, "models": rows,
            "protocol": "batch 1, fp32; step = greedy generate with KV cache after an 8-token prompt, "
-                       "(tg N - tg 1)/(N-1); linears = each linear once on random vectors; best of repeats"}
+                       "(tg N - tg 1)/(N-1); linears = each linear once on random vectors; best of repeats; "
+                       f"prefill = fastest of 3 profiled forwards of {args.prompt_len} tokens (self CPU times)"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"{'':12}{'step ms':>9}{'linears ms':>12}{'rest ms':>9}{'step x':>8}{'linears x':>11}{'flops x':>9}")
     for name, r in rows.items():
         print(f"{name:12}{r['step_ms']:9.2f}{r['linears_ms']:12.2f}{r['rest_ms']:9.2f}"
               f"{r['step_speedup']:8.3f}{r['linears_speedup']:11.3f}{r['flops_ratio']:9.3f}")
+    print(f"prefill of {args.prompt_len}: " + "; ".join(
+        f"{n} {r['prefill']['matmul_ms']:.0f} ms products + {r['prefill']['other_ms']:.0f} ms other"
+        f" ({r['prefill']['speedup']:.3f}x, products {r['prefill']['matmul_speedup']:.3f}x)" for n, r in rows.items()))
 
 
 if __name__ == "__main__":

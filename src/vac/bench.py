@@ -7,8 +7,8 @@ Protocol (what ``vac bench`` prints beside its numbers):
   to ``decode_tokens`` new tokens (``min_new_tokens = max_new_tokens``); tokens/s from
   ``time(N tokens) - time(1 token)``, so generate's fixed costs and the prompt cancel out.
 * the vac models get :func:`~vac.decode.fast_decode_` (``up`` factors column-major, direct
-  ``F.linear`` calls, sibling ``down`` factors stacked) unless ``decode_layout=False``; the dense
-  model is run exactly as transformers loads it.
+  ``F.linear`` calls) unless ``decode_layout=False``; the dense model is run exactly as
+  transformers loads it.
 * ``use_compile`` (``vac bench --compile``): every model, the dense one too, runs its forward through
   ``torch.compile`` and decodes with a static KV cache, which removes most of the per-token work
   outside the linears (norms, rotary, attention glue) that eager mode pays alike in both models.
@@ -307,8 +307,7 @@ def bench(
             "disk_bytes": weights_bytes(folder) if folder else None,
             "resident_bytes": resident,
             "quantized": getattr(model.config, "quantization_config", None) is not None,
-            # SharedDown's per-input cache is Python state that a compiled graph would not see
-            "fast_decode": bool(fast and fast_decode_(model, fuse=not use_compile)),
+            "fast_decode": bool(fast and fast_decode_(model)),
         }
         if use_compile:
             model.forward = torch.compile(model.forward, dynamic=False)

@@ -94,7 +94,7 @@ class Genome:
         return {
             "method": self.method,
             "exponent": _frac(self.exponent) if self.method == "vac" else "-",
-            "split": f"attn×{self.attn:g}",
+            "split": f"attn share {self.attn:g}",  # attn_ratio = 1 + (ratio − 1) · share
             "allocation": self.allocation,
             "weights": weights or "-",
             "order": order,
