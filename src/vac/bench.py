@@ -10,8 +10,8 @@ Protocol (what ``vac bench`` prints beside its numbers):
   ``F.linear`` calls) unless ``decode_layout=False``; the dense model is run exactly as
   transformers loads it.
 * ``use_compile`` (``vac bench --compile``): every model, the dense one too, runs its forward through
-  ``torch.compile`` and decodes with a static KV cache, which removes most of the per-token work
-  outside the linears (norms, rotary, attention glue) that eager mode pays alike in both models.
+  ``torch.compile`` and decodes with a static KV cache; compilation fuses the per-token work outside
+  the linears (norms, rotary, attention glue), which eager mode pays alike in both models.
 * the models run in turn (dense, factorized, int8, dense, ...), ``repeats`` rounds after one warm-up;
   the best round of each counts, so that noise from other processes on the machine hurts every model
   alike and is filtered out.

@@ -29,7 +29,8 @@ def fast_decode_(model) -> int:
       shape and values, ``stride == (1, out)``). A batch-1 decode step multiplies a vector by each
       weight; with the stock row-major layout the ``up`` product is a dot product over rows only
       ``rank`` long, which MKL streams at about half the memory bandwidth of the transposed
-      (axpy-like) form. Prefill GEMMs are indifferent to the layout.
+      (axpy-like) form. Prefill GEMMs are indifferent to the layout. Costs a copy of the ``up``
+      factors (the mmap-backed originals then stay mapped; those pages are clean and reclaimable).
     * ``forward`` calls ``F.linear`` twice directly instead of the two ``nn.Linear`` submodules.
 
     Stacking the ``down`` factors of siblings that read the same input (q/k/v, gate/up) into one

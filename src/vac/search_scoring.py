@@ -8,7 +8,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from .allocate import DENSE, Matrix, total_params
 from .arch import arch_for
-from .atomic import torch_save
+from .atomic import atomic_write, torch_save
 from .calibrate import FisherStats, InputStats, Statistics
 from .evaluate import perplexity
 from .factorize import decompose, tail_energy, weighting
@@ -112,10 +111,7 @@ class FactorCache:
             flat = self._compute(method, exponent)
             from safetensors.torch import save_file
 
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file(flat, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
         paths = sorted({k.rsplit("|", 1)[0] for k in flat})
         self.spectra_memo[name] = {p: flat[f"{p}|s"] for p in paths}
         entry = {p: (flat[f"{p}|up"], flat[f"{p}|down"]) for p in paths}
