@@ -604,15 +604,21 @@ def _read_text_file(path: Path) -> str:
         raise VacDataError(f"{path} is not UTF-8 text") from None
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    docs = []
+def jsonl_records(path: Path):
+    """``(line number, parsed record)`` for each non-blank line of a UTF-8 jsonl file; a one-line
+    VacDataError names the first line that is not JSON."""
     for number, line in enumerate(_read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except ValueError:
             raise VacDataError(f"{path}:{number} is not valid JSON") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    docs = []
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             chat = isinstance(record, dict) and "messages" in record
             why = "has chat 'messages', which are not supported yet" if chat else "has no string field 'text'"

@@ -9,7 +9,6 @@ the tokenizer's chat template.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -150,14 +149,10 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise VacError(f"no such chat file: {path}")
+    from .corpora import jsonl_records
+
     convs = []
-    for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise VacError(f"{path}:{number} is not valid JSON") from None
+    for number, record in jsonl_records(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
