@@ -19,7 +19,6 @@ Variants alternate, best of ``--repeats`` rounds after a warm-up. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vac import checkpoint
+from vac.atomic import write_json
 from vac.bench import linear_macs
 from vac.decode import fast_decode_
 from vac.zoo import load_model
@@ -142,8 +142,7 @@ def main(argv=None):
            "protocol": "batch 1, fp32; step = greedy generate with KV cache after an 8-token prompt, "
                        "(tg N - tg 1)/(N-1); linears = each linear once on random vectors; best of repeats; "
                        f"prefill = fastest of 3 profiled forwards of {args.prompt_len} tokens (self CPU times)"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    write_json(args.out, doc)
     print(f"{'':12}{'step ms':>9}{'linears ms':>12}{'rest ms':>9}{'step x':>8}{'linears x':>11}{'flops x':>9}")
     for name, r in rows.items():
         print(f"{name:12}{r['step_ms']:9.2f}{r['linears_ms']:12.2f}{r['rest_ms']:9.2f}"

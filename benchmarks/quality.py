@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from vac.atomic import write_json
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
 from vac.diskcache import cached_dense_statistics
 from vac.evaluate import perplexity
@@ -87,10 +88,7 @@ def main(argv=None):
 
 
 def save(result, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    write_json(path, result, indent=2)
 
 
 def fmt(x: float) -> str:

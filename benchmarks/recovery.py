@@ -108,10 +108,9 @@ def main(argv=None):
         "distill_command": shlex.join(distill_cmd),
         "wall_minutes_this_invocation": (time.perf_counter() - started) / 60,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.results)
+    from vac.atomic import write_json
+
+    write_json(args.results, result, indent=2)
     print(json.dumps({k: result[k] for k in ("dense_ppl", "compressed_ppl", "recovered_ppl", "minutes", "tokens")},
                      indent=1))
 

@@ -24,12 +24,12 @@ threads (2); on a CPU shared with other jobs prefix ``OMP_NUM_THREADS=1`` (there
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from vac.ablation import run_ablation
+from vac.atomic import write_json
 from vac.corpora import cache_dir
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
 from vac.search import run_search
@@ -105,9 +105,7 @@ def main(argv=None):
         "reproduce": summary["reproduce"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=2)
     shutil.copyfile(args.work / "strategy.json", args.out.with_name(args.out.stem + "-strategy.json"))
     shutil.copyfile(args.work / "fitness.png", args.out.with_suffix(".png"))
     print(verdict)
