@@ -7,8 +7,9 @@ For the dense model and the vac checkpoint as loaded (``stock``) and with
 * ``linears_ms``: every linear of the decoder and the LM head called once, in forward order, on
   random vectors (what the weight-FLOP ratio predicts), the rest of the step is attention, norms,
   rotary embeddings and generate's own work;
-* ``prefill``: one forward of ``--prompt-len`` tokens under ``torch.profiler``, split into matrix
-  products (``aten::mm/addmm/bmm``, self time) and everything else.
+* ``prefill``: the time to first token of a ``--prompt-len``-token prompt (as ``vac bench``) under
+  ``torch.profiler``, split into matrix products (``aten::mm/addmm/bmm``), attention
+  (``scaled_dot_product`` kernels) and everything else (self times).
 
 Variants alternate, best of ``--repeats`` rounds after a warm-up. Writes
 ``benchmarks/results/decode_probe.json``.
@@ -27,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from vac import checkpoint
 from vac.atomic import write_json
-from vac.bench import linear_macs
+from vac.bench import greedy_generate, linear_macs
 from vac.decode import fast_decode_
 from vac.zoo import load_model
 
@@ -64,18 +65,20 @@ def linear_pass(model):
 
 
 def prefill_split(model, prompt, repeats: int = 3) -> dict:
-    """Milliseconds of matrix products and of everything else in one forward (profiler self times;
-    the fastest of ``repeats`` profiled forwards after a warm-up)."""
-    model(prompt, use_cache=False)
+    """Milliseconds of matrix products and of everything else in a prefill as ``vac bench`` times it
+    (greedy generate of one token: the LM head on the last position only; profiler self times, the
+    fastest of ``repeats`` profiled runs after a warm-up)."""
+    greedy_generate(model, prompt, 1)
     best = None
     for _ in range(repeats):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(prompt, use_cache=False)
+            greedy_generate(model, prompt, 1)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e3
         mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e3
+        attn = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e3
         if best is None or total < best["total_ms"]:
-            best = {"total_ms": total, "matmul_ms": mm, "other_ms": total - mm}
+            best = {"total_ms": total, "matmul_ms": mm, "attention_ms": attn, "other_ms": total - mm - attn}
     return best
 
 
@@ -83,11 +86,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def generate(model, ids, n):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
 
 
 def main(argv=None):
@@ -114,8 +112,8 @@ def main(argv=None):
         for rnd in range(args.repeats + 1):
             for name, model in models.items():
                 run = linear_pass(model)
-                t1 = timed(lambda: generate(model, ids, 1))
-                tn = timed(lambda: generate(model, ids, args.tokens))
+                t1 = timed(lambda: greedy_generate(model, ids, 1))
+                tn = timed(lambda: greedy_generate(model, ids, args.tokens))
                 tl = min(timed(lambda i=i: run(i)) for i in range(4))
                 if rnd:
                     for key, value in zip(("tg1", "tgN", "linears"), (t1, tn, tl)):
@@ -141,14 +139,16 @@ def main(argv=None):
            "repeats": args.repeats, "decode_tokens": args.tokens, "torch": torch.__version__, "models": rows,
            "protocol": "batch 1, fp32; step = greedy generate with KV cache after an 8-token prompt, "
                        "(tg N - tg 1)/(N-1); linears = each linear once on random vectors; best of repeats; "
-                       f"prefill = fastest of 3 profiled forwards of {args.prompt_len} tokens (self CPU times)"}
+                       f"prefill = fastest of 3 profiled times to first token of {args.prompt_len}-token prompts "
+                       "(self CPU times)"}
     write_json(args.out, doc)
     print(f"{'':12}{'step ms':>9}{'linears ms':>12}{'rest ms':>9}{'step x':>8}{'linears x':>11}{'flops x':>9}")
     for name, r in rows.items():
         print(f"{name:12}{r['step_ms']:9.2f}{r['linears_ms']:12.2f}{r['rest_ms']:9.2f}"
               f"{r['step_speedup']:8.3f}{r['linears_speedup']:11.3f}{r['flops_ratio']:9.3f}")
     print(f"prefill of {args.prompt_len}: " + "; ".join(
-        f"{n} {r['prefill']['matmul_ms']:.0f} ms products + {r['prefill']['other_ms']:.0f} ms other"
+        f"{n} {r['prefill']['matmul_ms']:.0f} ms products + {r['prefill']['attention_ms']:.0f} ms attention"
+        f" + {r['prefill']['other_ms']:.0f} ms other"
         f" ({r['prefill']['speedup']:.3f}x, products {r['prefill']['matmul_speedup']:.3f}x)" for n, r in rows.items()))
 
 

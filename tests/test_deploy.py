@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama, tokens
+from conftest import VOCAB, tiny_llama, tokens
 from test_checkpoint import some_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -172,6 +172,13 @@ def test_bench_cli_json(tmp_path):
     assert out["flops_ratio"] == pytest.approx(
         out["models"]["dense"]["linear_macs_per_token"] / out["models"]["vac"]["linear_macs_per_token"])
     assert out["flops_ratio"] > 1
+    # prefill keeps the last logits only: the decoder's linears per prompt token, the LM head once
+    dense, vac_ = out["models"]["dense"], out["models"]["vac"]
+    head = VOCAB * 64  # tiny_llama: tied head, hidden 64
+    for m in (dense, vac_):
+        assert m["prefill_macs"] == (m["linear_macs_per_token"] - head) * 16 + head
+    assert out["prefill_flops_ratio"] == pytest.approx(dense["prefill_macs"] / vac_["prefill_macs"])
+    assert out["prefill_flops_ratio"] > out["flops_ratio"]
     assert out["models"]["int8"]["disk_bytes"] < out["models"]["vac"]["disk_bytes"]
 
     table = runner.invoke(vac.cli.app, args[:-1])  # rich table
@@ -201,3 +208,14 @@ def test_bench_compiled_matches_the_protocol(tmp_path):
                 load_rss=False, use_compile=True)
     assert out["compiled"] is True and "torch.compile" in out["protocol"]
     assert out["models"]["vac"]["fast_decode"] and out["decode_speedup"] > 0 and out["prefill_speedup"] > 0
+
+
+def test_bench_prefill_applies_the_lm_head_to_the_last_position_only():
+    """vac bench's prefill is generate's first token: the head sees one position, as the FLOP ratio assumes."""
+    from vac.bench import greedy_generate
+
+    model, seen = tiny_llama(), []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        greedy_generate(model, tokens(1, 16), 1)
+    assert seen == [(1, 1, 64)]

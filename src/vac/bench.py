@@ -2,7 +2,11 @@
 
 Protocol (what ``vac bench`` prints beside its numbers):
 
-* **prefill**: one forward of ``prompt_len`` tokens (batch 1, ``use_cache=False``); tokens/s.
+* **prefill**: time to first token of a ``prompt_len``-token prompt: greedy ``generate`` of one new
+  token (batch 1), i.e. one forward that fills the KV cache and applies the LM head to the last
+  position only (as ``generate``, llama.cpp's ``llama-bench`` pp<N> and serving engines do); tokens/s.
+  Its weight-FLOP limit is ``prefill_flops_ratio``: ``prompt_len`` tokens through the decoder's
+  linears plus the LM head once, dense / factorized.
 * **decode**: greedy ``generate`` with the KV cache after a short prompt (llama-bench's tg<N>), forced
   to ``decode_tokens`` new tokens (``min_new_tokens = max_new_tokens``); tokens/s from
   ``time(N tokens) - time(1 token)``, so generate's fixed costs and the prompt cancel out.
@@ -16,7 +20,8 @@ Protocol (what ``vac bench`` prints beside its numbers):
   the best round of each counts, so that noise from other processes on the machine hurts every model
   alike and is filtered out.
 * **flops_ratio**: per-token multiply-accumulates of the weight matrices (every linear, LM head
-  included; embeddings lookups and attention scores excluded) of the dense model / the factorized one.
+  included; embeddings lookups and attention scores excluded) of the dense model / the factorized one:
+  the limit of the decode speed-up.
 * **size on disk**: bytes of the weight files (``*.safetensors``/``*.bin``) of each folder.
 * **peak RSS**: the whole process (it holds every model under test) and, in a fresh subprocess per
   folder, the RSS increase caused by loading it (:func:`load_peak_rss`).
@@ -179,6 +184,18 @@ def linear_macs(model) -> int:
     return total
 
 
+def head_macs(model) -> int:
+    """Multiply-accumulates per token of the LM head (the output embeddings, factorized or not)."""
+    head = model.get_output_embeddings()
+    return sum(m.in_features * m.out_features for m in head.modules() if isinstance(m, nn.Linear)) if head else 0
+
+
+def prefill_macs(model, tokens: int) -> int:
+    """Weight multiply-accumulates of a prefill of ``tokens`` tokens that keeps the last logits only."""
+    head = head_macs(model)
+    return (linear_macs(model) - head) * tokens + head
+
+
 def param_count(model) -> int:
     """Distinct parameters (tied ones once); int8 tensors count their elements."""
     seen, total = set(), 0
@@ -214,7 +231,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def _generate(model, ids, n: int, static: bool = False):
+def greedy_generate(model, ids, n: int, static: bool = False):
+    """Exactly ``n`` greedy new tokens after ``ids`` (batch 1, KV cache; ``static``: a static cache)."""
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
         use_cache=True, pad_token_id=0, eos_token_id=None, **({"cache_implementation": "static"} if static else {}),
@@ -304,6 +322,7 @@ def bench(
             "source": source,
             "params": param_count(model),
             "linear_macs_per_token": linear_macs(model),
+            "prefill_macs": prefill_macs(model, prompt_len),
             "disk_bytes": weights_bytes(folder) if folder else None,
             "resident_bytes": resident,
             "quantized": getattr(model.config, "quantization_config", None) is not None,
@@ -329,9 +348,9 @@ def bench(
             order = names[rnd % len(names):] + names[: rnd % len(names)]
             for name in order:
                 model = models[name]
-                t_pre = _timed(lambda: model(prompt, use_cache=False))
-                t_1 = _timed(lambda: _generate(model, short, 1, use_compile))
-                t_n = _timed(lambda: _generate(model, short, decode_tokens, use_compile))
+                t_pre = _timed(lambda: greedy_generate(model, prompt, 1, use_compile))
+                t_1 = _timed(lambda: greedy_generate(model, short, 1, use_compile))
+                t_n = _timed(lambda: greedy_generate(model, short, decode_tokens, use_compile))
                 if rnd:
                     for key, value in zip(times[name], (t_pre, t_1, t_n)):
                         times[name][key].append(value)
@@ -363,6 +382,7 @@ def bench(
         "int8": str(int8_dir) if int8_dir is not None else None,
         **speedups("vac"),
         "flops_ratio": dense["linear_macs_per_token"] / results["vac"]["linear_macs_per_token"],
+        "prefill_flops_ratio": dense["prefill_macs"] / results["vac"]["prefill_macs"],
         "threads": threads,
         "fast_decode": decode_layout,
         "compiled": use_compile,
@@ -374,8 +394,9 @@ def bench(
         "models": results,
         "process_peak_rss_bytes": peak_rss_bytes(),
         "torch": torch.__version__,
-        "protocol": (f"batch 1, fp32 activations, {threads} threads; prefill = one forward of {prompt_len} "
-                     f"tokens, use_cache=False; decode = greedy generate with KV cache after a "
+        "protocol": (f"batch 1, fp32 activations, {threads} threads; prefill = time to first token of a "
+                     f"{prompt_len}-token prompt (greedy generate of 1 token: KV cache filled, LM head on the "
+                     f"last position); decode = greedy generate with KV cache after a "
                      f"{DECODE_PROMPT}-token prompt, time(tg{decode_tokens}) - time(tg1) for "
                      f"{decode_tokens - 1} tokens; models alternate, best of {repeats} rounds after one "
                      "warm-up" + ("; every model's forward torch.compile'd (inductor, static shapes, static "

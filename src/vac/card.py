@@ -29,8 +29,9 @@ EMBEDDED_HUB = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 LABELS = {
     "decode_speedup": "decode speed-up (compressed vs dense)",
-    "prefill_speedup": "prefill speed-up (compressed vs dense)",
-    "flops_ratio": "weight-FLOP ratio (dense / compressed)",
+    "prefill_speedup": "prefill (time to first token) speed-up (compressed vs dense)",
+    "flops_ratio": "weight-FLOP ratio per decoded token (dense / compressed)",
+    "prefill_flops_ratio": "weight-FLOP ratio of the prefill (dense / compressed)",
     "threads": "CPU threads",
 }
 

@@ -61,7 +61,7 @@ def bench_cmd(
     baseline: Optional[str] = typer.Option(None, help="dense model: embedded name, folder or hub id "
                                                         "[default: the model named in DIR/report.json]"),
     int8: Optional[Path] = typer.Option(None, "--int8", help="its int8 checkpoint (vac quantize), benchmarked too"),
-    prompt_len: int = typer.Option(512, help="prefill length in tokens"),
+    prompt_len: int = typer.Option(512, help="prompt length of the prefill (time to first token)"),
     decode_tokens: int = typer.Option(64, help="tokens generated per decode run"),
     repeats: int = typer.Option(3, help="rounds (after one warm-up); the best counts"),
     threads: Optional[int] = typer.Option(None, help="torch threads [default: torch's]"),
@@ -109,6 +109,7 @@ def bench_cmd(
     for label, cell in rows:
         table.add_row(label, *[cell(m) for m in models.values()])
     out.print(table)
-    out.print(f"flops ratio (dense / vac, LM head included): {result['flops_ratio']:.3f}x; "
+    out.print(f"weight-FLOP ratio (dense / vac), the limit of each speed-up: decode {result['flops_ratio']:.3f}x "
+              f"(LM head on every token), prefill {result['prefill_flops_ratio']:.3f}x (LM head once); "
               f"process peak RSS {_mb(result['process_peak_rss_bytes'])}", highlight=False)
     out.print(f"[dim]{result['protocol']}[/dim]", highlight=False)
