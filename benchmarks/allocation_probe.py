@@ -11,14 +11,15 @@ ratio). Results are appended to results/allocation_probe.json.
     .venv/bin/python benchmarks/allocation_probe.py vac:uniform@2.6 vac:uniform@3.0 vac:uniform@3.8
 """
 
+import argparse
 import collections
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 from vac.arch import arch_for
+from vac.atomic import write_json
 from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
 from vac.diskcache import cached_dense_statistics
 from vac.evaluate import perplexity
@@ -63,8 +64,13 @@ def main(variants, ratio=1.8):
         print(json.dumps(row), flush=True)
         rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
         rows = [r for r in rows if (r["variant"], r["ratio"]) != (variant, ratio)] + [row]
-        RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(RESULTS, rows)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["vac:global", "whiten:global", "whiten:uniform", "vac:uniform"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="*", metavar="method:allocation[:exponent][@attn_ratio]",
+                    default=["vac:global", "whiten:global", "whiten:uniform", "vac:uniform"])
+    ap.add_argument("--ratio", type=float, default=1.8)
+    args = ap.parse_args()
+    main(args.variants, args.ratio)

@@ -36,7 +36,9 @@ import torch  # noqa: E402
 
 
 def save(out: Path, doc: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1))
+    from vac.atomic import write_json
+
+    write_json(out / "gpu_check.json", doc)
 
 
 def run(cmd: list[str], log: Path) -> int:
