@@ -68,7 +68,7 @@ def main(variants, ratio=1.8):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("variants", nargs="*", metavar="method:allocation[:exponent][@attn_ratio]",
                     default=["vac:global", "whiten:global", "whiten:uniform", "vac:uniform"])
     ap.add_argument("--ratio", type=float, default=1.8)
