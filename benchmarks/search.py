@@ -104,8 +104,7 @@ def main(argv=None):
         "setup": summary["setup"], "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "reproduce": summary["reproduce"],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result, indent=2)
+    write_json(args.out, result, indent=2)  # creates args.out's folder, where the copies below go
     shutil.copyfile(args.work / "strategy.json", args.out.with_name(args.out.stem + "-strategy.json"))
     shutil.copyfile(args.work / "fitness.png", args.out.with_suffix(".png"))
     print(verdict)

@@ -187,7 +187,7 @@ def linear_macs(model) -> int:
 def head_macs(model) -> int:
     """Multiply-accumulates per token of the LM head (the output embeddings, factorized or not)."""
     head = model.get_output_embeddings()
-    return sum(m.in_features * m.out_features for m in head.modules() if isinstance(m, nn.Linear)) if head else 0
+    return linear_macs(head) if head is not None else 0
 
 
 def prefill_macs(model, tokens: int) -> int:
