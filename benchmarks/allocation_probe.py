@@ -2,8 +2,9 @@
 whitening, at one ratio.
 
 Non-sequential compressions of the embedded default from the statistics that benchmarks/quality.py
-caches (same calibration windows), each scored on the first 10 windows of the held-out split (a
-quick proxy of the 40-window protocol), with the kept-rank fraction (min, mean, max) per matrix type.
+caches (same calibration windows), each scored on the first 10 windows of the *search* split
+(``--data``; an evaluation split is never used to choose), with the kept-rank fraction (min, mean,
+max) per matrix type.
 A variant is ``method:allocation[:exponent][@attn_ratio]`` (no ``@``: attention and MLP both at the
 ratio). Results are appended to results/allocation_probe.json.
 
@@ -18,16 +19,17 @@ import json
 import time
 from pathlib import Path
 
-from vac.arch import arch_for
 from vac.atomic import write_json
-from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
-from vac.diskcache import cached_dense_statistics
-from vac.evaluate import perplexity
-from vac.pipeline import VacConfig, compress, matrices_of
-from vac.zoo import load_model, resolve_model
+from vac.cache import cached_dense_statistics
+from vac.config import DEFAULT_MODEL, DEFAULT_SEARCH, CompressConfig, DataConfig, StrategyConfig
+from vac.core.allocate import matrices_of
+from vac.core.driver import compress
+from vac.core.evaluate import perplexity
+from vac.data.windows import eval_windows, sample_windows
+from vac.models.families import arch_for
+from vac.models.zoo import load_model, resolve_model
 
-SETUP = {"model": "smollm2-135m", "calib": DEFAULT_CALIB, "calib_windows": 64, "fisher_windows": 16,
-         "seq_len": 512}
+DATA = DataConfig()  # the quality benchmark's calibration
 
 
 def kept_fractions(model, ranks):
@@ -41,29 +43,28 @@ def kept_fractions(model, ranks):
 RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
 
 
-def main(variants, ratio=1.8):
-    base, tok = load_model(SETUP["model"])
-    calib = sample_windows(tok, SETUP["calib"], SETUP["seq_len"], SETUP["calib_windows"], seed=0)
-    held_out = eval_windows(tok, DEFAULT_EVAL, SETUP["seq_len"], 10)
-    stats = cached_dense_statistics(base, calib, VacConfig(  # the quality benchmark's shared statistics
-        method="vac", sequential=False, calib=SETUP["calib"], calib_windows=SETUP["calib_windows"],
-        fisher_windows=SETUP["fisher_windows"], seq_len=SETUP["seq_len"]), resolve_model(SETUP["model"]))
+def main(variants, ratio=1.8, data=DEFAULT_SEARCH):
+    base, tok = load_model(DEFAULT_MODEL)
+    calib = sample_windows(tok, DATA.calib, DATA.seq_len, DATA.calib_windows, DATA.seed)
+    scored = eval_windows(tok, data, DATA.seq_len, 10)
+    stats = cached_dense_statistics(base, calib, CompressConfig(  # the quality benchmark's shared statistics
+        StrategyConfig(method="vac", sequential=False), DATA), resolve_model(DEFAULT_MODEL))
     for variant in variants:
         spec, _, attn = variant.partition("@")
         method, allocation, *exponent = spec.split(":")
-        cfg = VacConfig(ratio=ratio, method=method, allocation=allocation, sequential=False,
-                        fisher_exponent=float(exponent[0]) if exponent else None,
-                        attn_ratio=float(attn) if attn else ratio)
+        cfg = CompressConfig(StrategyConfig(ratio=ratio, method=method, allocation=allocation, sequential=False,
+                                            fisher_exponent=float(exponent[0]) if exponent else None,
+                                            attn_ratio=float(attn) if attn else ratio), DATA)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         result = compress(model, calib, cfg, progress=False, stats=stats)
-        ppl = perplexity(model, held_out, progress=False)["ppl"]
-        row = {"variant": variant, "ratio": ratio, "ratio_reached": round(result.ratio, 4),
+        ppl = perplexity(model, scored, progress=False)["ppl"]
+        row = {"variant": variant, "ratio": ratio, "ratio_reached": round(result.ratio, 4), "data": data,
                "ppl_10x512": ppl, "seconds": time.perf_counter() - t0,
                "kept_fraction_min_mean_max": kept_fractions(base, result.ranks)}
         print(json.dumps(row), flush=True)
         rows = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-        rows = [r for r in rows if (r["variant"], r["ratio"]) != (variant, ratio)] + [row]
+        rows = [r for r in rows if (r["variant"], r["ratio"], r.get("data")) != (variant, ratio, data)] + [row]
         write_json(RESULTS, rows)
 
 
@@ -71,6 +72,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("variants", nargs="*", metavar="method:allocation[:exponent][@attn_ratio]",
                     default=["vac:global", "whiten:global", "whiten:uniform", "vac:uniform"])
-    ap.add_argument("--ratio", type=float, default=1.8)
+    ap.add_argument("--ratio", type=float, default=StrategyConfig.ratio)
+    ap.add_argument("--data", default=DEFAULT_SEARCH, help="scored text (a search split, never an eval split)")
     args = ap.parse_args()
-    main(args.variants, args.ratio)
+    main(args.variants, args.ratio, args.data)

@@ -1,7 +1,7 @@
 """Where batch-1 decode time goes, dense vs vac: the linears alone vs the whole generate step.
 
 For the dense model and the vac checkpoint as loaded (``stock``) and with
-:func:`vac.decode.fast_decode_` (``layout``), measures per decoded token
+:func:`vac.deploy.decode.fast_decode_` (``layout``), measures per decoded token
 
 * ``step_ms``: greedy ``generate`` with the KV cache, ``(time(tg N) - time(tg 1)) / (N - 1)``, as ``vac bench``;
 * ``linears_ms``: every linear of the decoder and the LM head called once, in forward order, on
@@ -28,9 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from vac import checkpoint
 from vac.atomic import write_json
-from vac.bench import greedy_generate, linear_macs
-from vac.decode import fast_decode_
-from vac.zoo import load_model
+from vac.deploy.bench import greedy_generate, linear_macs
+from vac.deploy.decode import fast_decode_
+from vac.models.zoo import load_model
 
 RESULTS = Path(__file__).parent / "results"
 ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

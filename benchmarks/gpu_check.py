@@ -83,7 +83,7 @@ def cuda_paths(out: Path, device: str = "cuda") -> dict:
         result["loaded_class"] = type(model).__name__
         del model
     t0 = time.perf_counter()
-    result["distill_rc"] = run([py, "-m", "vac.cli_distill", "distill", str(work / "vac"), "--teacher",
+    result["distill_rc"] = run([py, "-m", "vac.cli", "distill", str(work / "vac"), "--teacher",
                                 str(work / "dense"), "--data", str(work / "calib.txt"), "--device", device,
                                 "--steps", "6", "--seq-len", "128", "--batch-size", "4", "--chat-fraction", "0",
                                 "--eval", str(work / "eval.txt"), "--eval-windows", "8", "--eval-seq-len", "128",
@@ -114,9 +114,9 @@ def timed(fn, repeats: int) -> float:
 def speed(layers: int) -> dict:
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
-    from vac.allocate import uniform_ranks
-    from vac.layers import factorize_
-    from vac.pipeline import matrices_of
+    from vac.core.allocate import uniform_ranks
+    from vac.models.layers import factorize_
+    from vac.core.allocate import matrices_of
 
     config = Olmo3Config(
         vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,

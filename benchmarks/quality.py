@@ -17,33 +17,34 @@ import time
 from pathlib import Path
 
 from vac.atomic import write_json
-from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, eval_windows, sample_windows
-from vac.diskcache import cached_dense_statistics
-from vac.evaluate import perplexity
-from vac.pipeline import VacConfig, compress
-from vac.zoo import load_model, resolve_model
+from vac.cache import cached_dense_statistics
+from vac.config import DEFAULT_MODEL, CompressConfig, DataConfig, EvalConfig, StrategyConfig
+from vac.core.driver import compress
+from vac.core.evaluate import perplexity
+from vac.data.windows import eval_windows, sample_windows
+from vac.models.zoo import load_model, resolve_model
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.5, 1.8, 2.0])
     ap.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "whiten", "vac"])
-    ap.add_argument("--calib", default=DEFAULT_CALIB)
-    ap.add_argument("--calib-windows", type=int, default=64)
-    ap.add_argument("--fisher-windows", type=int, default=16)
-    ap.add_argument("--eval", default=DEFAULT_EVAL)
-    ap.add_argument("--eval-windows", type=int, default=40)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib", default=DataConfig.calib)
+    ap.add_argument("--calib-windows", type=int, default=DataConfig.calib_windows)
+    ap.add_argument("--fisher-windows", type=int, default=DataConfig.fisher_windows)
+    ap.add_argument("--eval", default=EvalConfig.data)
+    ap.add_argument("--eval-windows", type=int, default=EvalConfig.windows)
+    ap.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = ap.parse_args(argv)
 
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     setup["ratios"], setup["methods"] = sorted(setup["ratios"]), sorted(setup["methods"])
     # each method's defaults (at --ratio 1.8): results of other defaults are not reused
-    setup["defaults"] = {m: VacConfig(method=m).to_dict() for m in setup["methods"]}
+    setup["defaults"] = {m: StrategyConfig(method=m).resolved().to_dict() for m in setup["methods"]}
     result = {"setup": setup, "dense": None, "entries": []}
     if args.out.is_file():
         previous = json.loads(args.out.read_text())
@@ -59,24 +60,25 @@ def main(argv=None):
         save(result, args.out)
     t0 = time.perf_counter()
     # dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached
-    shared = cached_dense_statistics(model, calib, VacConfig(
-        method="vac", sequential=False, calib=args.calib, calib_windows=args.calib_windows,
-        fisher_windows=args.fisher_windows, seq_len=args.seq_len), resolve_model(args.model))
+    data = DataConfig(calib=args.calib, calib_windows=args.calib_windows, fisher_windows=args.fisher_windows,
+                      seq_len=args.seq_len)
+    shared = cached_dense_statistics(model, calib, CompressConfig(StrategyConfig(method="vac", sequential=False), data),
+                                     resolve_model(args.model))
     stats_seconds = time.perf_counter() - t0
     for ratio in args.ratios:
         for method in args.methods:
             if (method, ratio) in done:
                 continue
-            cfg = VacConfig(ratio=ratio, method=method, fisher_windows=args.fisher_windows,
-                            calib_windows=args.calib_windows, seq_len=args.seq_len)
+            cfg = CompressConfig(StrategyConfig(ratio=ratio, method=method), data).resolved()
             student = copy.deepcopy(model)
             t0 = time.perf_counter()
             res = compress(student, calib, cfg, stats=shared)
             seconds = time.perf_counter() - t0
             ppl = perplexity(student, held_out)
+            s = cfg.strategy
             entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, "ppl": ppl["ppl"],
-                     "allocation": cfg.allocation, "sequential": cfg.sequential, "order": cfg.order,
-                     "fisher_exponent": cfg.fisher_exponent, "attn_ratio": cfg.attn_ratio,
+                     "allocation": s.allocation, "sequential": s.sequential, "order": s.order,
+                     "fisher_exponent": s.fisher_exponent, "attn_ratio": s.attn_ratio,
                      "params_after": res.params_after, "seconds": seconds}
             print(json.dumps(entry), file=sys.stderr, flush=True)
             result["entries"].append(entry)

@@ -38,7 +38,7 @@ def run(cmd: list[str]) -> None:
 
 
 def main(argv=None):
-    from vac.corpora import cache_dir
+    from vac.cache import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="dense teacher (and model to compress)")
@@ -75,8 +75,8 @@ def main(argv=None):
     distilled = work / f"{student.name}-distilled"
     eval_opts = ["--eval", args.eval, "--eval-windows", str(args.eval_windows),
                  "--eval-seq-len", str(args.eval_seq_len)]
-    launcher = [py, "-m", "vac.cli_distill"] if args.nproc == 1 else [
-        py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "vac.cli_distill"]
+    launcher = [py, "-m", "vac.cli"] if args.nproc == 1 else [
+        py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "vac.cli"]
     distill_cmd = [*launcher, "distill", str(student), "--teacher", args.model,
                    "--out", str(distilled), "--max-minutes", str(args.minutes), "--steps", str(args.max_steps),
                    *eval_opts, *distill_args]
@@ -117,8 +117,8 @@ def main(argv=None):
 
 def dense_ppl(args) -> dict:
     """PPL of the dense model under the same protocol (cached on disk per model folder)."""
-    from vac.cli import measured_ppl
-    from vac.zoo import load_model, resolve_model
+    from vac.core.evaluate import measured_ppl
+    from vac.models.zoo import load_model, resolve_model
 
     model, tok = load_model(args.model)
     return measured_ppl(model, tok, resolve_model(args.model), args.eval, args.eval_seq_len, args.eval_windows,

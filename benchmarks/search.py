@@ -1,6 +1,6 @@
 """Search benchmark: evolutionary strategy search on the embedded default at 1.8x, at most 60 minutes.
 
-Runs :func:`vac.search.run_search` (fitness on austen:search, proxy scoring, the top-k and the
+Runs :func:`vac.search.run.run_search` (fitness on austen:search, proxy scoring, the top-k and the
 default re-scored with the full sequential config, the winner and the default scored once on
 austen:eval) and writes ``benchmarks/results/search.json`` with ``default_ppl`` and ``best_ppl``
 (eval PPL of the default strategy and of the winner), ``minutes``, ``ratio_reached`` and the winning
@@ -28,12 +28,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from vac.ablation import run_ablation
+from vac.search.ablation import run_ablation
 from vac.atomic import write_json
-from vac.corpora import cache_dir
-from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
-from vac.search import run_search
-from vac.search_space import SearchSetup
+from vac.cache import cache_dir
+from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
+from vac.search.run import run_search
+from vac.search.space import SearchSetup
 
 RESULTS = Path(__file__).parent / "results"
 

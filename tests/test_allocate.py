@@ -1,4 +1,4 @@
-"""Tests for vac.allocate: the multiple-choice knapsack against brute force, budget use, uniform ranks."""
+"""Tests for vac.core.allocate: the multiple-choice knapsack against brute force, budget use, uniform ranks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from vac.allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
+from vac.core.allocate import DENSE, Matrix, knapsack, total_params, uniform_ranks
 from vac.errors import VacError
-from vac.layers import max_useful_rank
+from vac.models.layers import max_useful_rank
 
 SMOL_SHAPES = [  # SmolLM-135M decoder linears: (name, out, in)
     ("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),

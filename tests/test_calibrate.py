@@ -1,4 +1,4 @@
-"""Tests for vac.calibrate: layer streaming, input statistics and the layer-streamed Fisher against
+"""Tests for vac.core.calibrate: layer streaming, input statistics and the layer-streamed Fisher against
 plain whole-model passes."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vac.arch import arch_for
-from vac.calibrate import InputStats, LayerStream, fisher_stats, layer_input_stats, window_loss
+from vac.models.families import arch_for
+from vac.core.calibrate import InputStats, LayerStream, fisher_stats, layer_input_stats, window_loss
 
 from conftest import VOCAB, tiny_llama, tiny_olmo3, tokens
 

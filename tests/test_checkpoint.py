@@ -10,7 +10,7 @@ from conftest import tiny_llama, tiny_olmo3, tokens
 
 from vac import checkpoint
 from vac.errors import VacError
-from vac.layers import LowRankLinear, factorize_
+from vac.models.layers import LowRankLinear, factorize_
 
 PLAIN_LOAD = """
 import sys, torch

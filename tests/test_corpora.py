@@ -1,4 +1,4 @@
-"""Tests for vac.corpora: readers on fixtures built here, splits, cache and data specs (no network)."""
+"""Tests for vac.data.corpora: readers on fixtures built here, splits, cache and data specs (no network)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vac import corpora
-from vac.corpora import (
+from vac.data import corpora
+from vac.data.specs import read_source
+from vac.data.corpora import (
     BIBLE_BOOKS,
     CORPORA,
     DOC_IDS,
@@ -26,7 +27,6 @@ from vac.corpora import (
     osis_to_text,
     parse_gutenberg,
     read_rdb,
-    read_source,
     read_ztext,
     split_docs,
     unserialize_r,

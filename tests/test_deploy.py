@@ -12,11 +12,12 @@ from test_checkpoint import some_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vac import checkpoint
-from vac.bench import linear_macs, load_peak_rss
-from vac.decode import fast_decode_
+from vac.deploy.bench import linear_macs, load_peak_rss
+from vac.deploy.decode import fast_decode_
 from vac.errors import VacError
-from vac.layers import LowRankLinear, factorize_
-from vac.quantize import fast_int8_loading, quantize_checkpoint
+from vac.models.layers import LowRankLinear, factorize_
+from vac.deploy.compat import fast_int8_loading
+from vac.deploy.quantize import quantize_checkpoint
 
 pytest.importorskip("torchao")
 from torchao.quantization import Int8Tensor  # noqa: E402
@@ -143,7 +144,7 @@ def test_bench_cli_json(tmp_path):
     from typer.testing import CliRunner
 
     import vac.cli
-    import vac.cli_deploy  # noqa: F401  (registers quantize and bench)
+    import vac.cli.deploy  # noqa: F401  (registers quantize and bench)
 
     dense = tiny_llama()
     dense.save_pretrained(tmp_path / "dense")
@@ -189,7 +190,7 @@ def test_bench_needs_a_baseline(tmp_path):
     from typer.testing import CliRunner
 
     import vac.cli
-    import vac.cli_deploy  # noqa: F401
+    import vac.cli.deploy  # noqa: F401
 
     checkpoint.save(factorize_(tiny_llama(), some_ranks(tiny_llama())), None, tmp_path / "ckpt")
     res = CliRunner().invoke(vac.cli.app, ["bench", str(tmp_path / "ckpt"), "--json"])
@@ -200,7 +201,7 @@ def test_bench_needs_a_baseline(tmp_path):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler")
 def test_bench_compiled_matches_the_protocol(tmp_path):
     """--compile: both models through torch.compile (static KV cache); same schema, stated protocol."""
-    from vac.bench import bench
+    from vac.deploy.bench import bench
 
     tiny_llama(layers=1).save_pretrained(tmp_path / "dense")
     checkpoint.save(factorize_(tiny_llama(layers=1), some_ranks(tiny_llama(layers=1))), None, tmp_path / "ckpt")
@@ -212,7 +213,7 @@ def test_bench_compiled_matches_the_protocol(tmp_path):
 
 def test_bench_prefill_applies_the_lm_head_to_the_last_position_only():
     """vac bench's prefill is generate's first token: the head sees one position, as the FLOP ratio assumes."""
-    from vac.bench import greedy_generate
+    from vac.deploy.bench import greedy_generate
 
     model, seen = tiny_llama(), []
     model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))

@@ -11,10 +11,10 @@ import torch
 from conftest import VOCAB, tiny_llama, tiny_tokenizer, tokens
 
 from vac import checkpoint
-from vac.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
-from vac.distill_data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
+from vac.recover.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
+from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
 from vac.errors import VacError
-from vac.layers import factorize_
+from vac.models.layers import factorize_
 
 SEQ = 16
 
@@ -279,8 +279,8 @@ def test_teacher_cache_replaces_the_teacher(tmp_path):
 SCRIPT = """
 import json, sys, torch
 from vac import checkpoint
-from vac.distill import DistillConfig, run_distill
-from vac.distill_data import DataMix, Samples
+from vac.recover.distill import DistillConfig, run_distill
+from vac.recover.data import DataMix, Samples
 text, chat = torch.load(sys.argv[3])
 for out, cfg in json.loads(sys.argv[4]):  # one launch, several runs (process start-up is the slow part)
     student, _ = checkpoint.load(sys.argv[1])
@@ -332,7 +332,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    import vac.cli_distill  # noqa: F401  (registers the command)
+    import vac.cli.distill  # noqa: F401  (registers the command)
     from vac.cli import app
 
     runner = CliRunner()

@@ -1,11 +1,11 @@
-"""Tests for vac.factorize: every method's weighting on real statistics of a tiny model."""
+"""Tests for vac.core.methods: every method's weighting on real statistics of a tiny model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vac.factorize import (
+from vac.core.methods import (
     METHODS,
     Weighting,
     cholesky_adaptive,
@@ -13,7 +13,8 @@ from vac.factorize import (
     tail_energy,
     weighting,
 )
-from vac.pipeline import VacConfig, dense_statistics
+from vac.config import CompressConfig
+from vac.core.driver import dense_statistics
 
 from conftest import tiny_llama, tokens
 
@@ -29,7 +30,7 @@ PATHS = [
 def calibrated(one_thread):
     model = tiny_llama()
     # not sequential: input statistics over all 8 windows (256 tokens > 160 input channels)
-    cfg = VacConfig(method="vac", fisher_windows=4, batch_size=4, seq_len=32, calib_windows=8, sequential=False)
+    cfg = CompressConfig.of(method="vac", fisher_windows=4, batch_size=4, seq_len=32, calib_windows=8, sequential=False)
     stats = dense_statistics(model, tokens(8, 32), cfg, progress=False)
     return model, stats
 
@@ -174,8 +175,8 @@ def test_correction_fits_dense_outputs_from_compressed_inputs():
     """With the cross term, the factorization fits W·X_dense from the perturbed inputs X̃: its error
     against the dense outputs is below plain whitening's at every rank, and it equals whitening
     when the inputs are unperturbed."""
-    from vac.calibrate import InputStats
-    from vac.factorize import decompose, weighting
+    from vac.core.calibrate import InputStats
+    from vac.core.methods import decompose, weighting
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(12, 10, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Tests for vac.pipeline: layer orders, VacConfig checks and end-to-end compression of a tiny model."""
+"""Tests for vac.core.driver: layer orders, config checks and end-to-end compression of a tiny model."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from vac import checkpoint
-from vac.allocate import DENSE, uniform_ranks
-from vac.arch import arch_for
+from vac.core.allocate import DENSE, uniform_ranks
+from vac.models.families import arch_for
 from vac.checkpoint.hf.modeling_vac import LowRankLinear
 from vac.errors import VacError
-from vac.factorize import METHODS
-from vac.pipeline import VacConfig, compress, layer_order, matrices_of, sequential_passes
+from vac.core.methods import METHODS
+from vac.config import CompressConfig, StrategyConfig
+from vac.core.allocate import matrices_of
+from vac.core.driver import compress, sequential_passes
+from vac.core.orders import layer_order
 
 from conftest import tiny_llama, tokens
 
@@ -23,7 +26,7 @@ STEP = 2  # fine rank grid: a tiny model's budget can be met closely
 def config(**kw):
     base = dict(fisher_windows=4, batch_size=4, seq_len=32, calib_windows=8, rank_step=STEP, rank_floor=2)
     base.update(kw)
-    return VacConfig(**base)
+    return CompressConfig.of(**base)
 
 
 def run(cfg, **model_kw):
@@ -80,36 +83,39 @@ def test_layer_order_rejects(bad):
         layer_order(bad, 3)
 
 
-# --- VacConfig -------------------------------------------------------------------------------------
+# --- StrategyConfig -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5, 0.0, -2.0, float("nan")])
 def test_config_rejects_ratio_at_most_one(ratio):
     with pytest.raises(VacError, match="ratio must be greater than 1"):
-        VacConfig(ratio=ratio)
+        StrategyConfig(ratio=ratio)
 
 
 def test_config_rejects_unknown_method_and_allocation():
     with pytest.raises(VacError, match="unknown method 'lora'"):
-        VacConfig(method="lora")
+        StrategyConfig(method="lora")
     with pytest.raises(VacError, match="unknown allocation"):
-        VacConfig(allocation="greedy")
+        StrategyConfig(allocation="greedy")
     with pytest.raises(VacError, match="attn-ratio must be greater than 1"):
-        VacConfig(attn_ratio=1.0)
+        StrategyConfig(attn_ratio=1.0)
     with pytest.raises(VacError, match="mlp-ratio must be greater than 1"):
-        VacConfig(mlp_ratio=0.9)
+        StrategyConfig(mlp_ratio=0.9)
 
 
 def test_config_method_defaults():
-    vac = VacConfig(method="vac")
+    def resolved(**kw):  # the resolved strategy: every method default filled in
+        return StrategyConfig(**kw).resolved()
+
+    vac = resolved(method="vac")
     assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("depth", True, True, True)
     assert (vac.fisher_exponent, vac.attn_ratio) == (2 / 3, 1 + 2.5 * 0.8)  # attention 3x at --ratio 1.8
-    assert VacConfig(method="fwsvd").fisher_exponent == 0.5 and VacConfig(method="whiten").attn_ratio is None
-    assert VacConfig(method="vac", mlp_ratio=1.5).attn_ratio is None  # the free component gets the rest
-    svd = VacConfig(method="svd")
+    assert resolved(method="fwsvd").fisher_exponent == 0.5 and resolved(method="whiten").attn_ratio is None
+    assert resolved(method="vac", mlp_ratio=1.5).attn_ratio is None  # the free component gets the rest
+    svd = resolved(method="svd")
     assert (svd.allocation, svd.sequential, svd.needs_fisher, svd.needs_inputs) == ("uniform", False, False, False)
-    assert VacConfig(method="fwsvd").needs_fisher and not VacConfig(method="fwsvd").needs_inputs
-    assert VacConfig(method="asvd").needs_inputs and not VacConfig(method="asvd").needs_fisher
-    explicit = VacConfig(method="vac", allocation="uniform", sequential=False)
+    assert resolved(method="fwsvd").needs_fisher and not resolved(method="fwsvd").needs_inputs
+    assert resolved(method="asvd").needs_inputs and not resolved(method="asvd").needs_fisher
+    explicit = resolved(method="vac", allocation="uniform", sequential=False)
     assert (explicit.allocation, explicit.sequential) == ("uniform", False)
 
 
@@ -268,7 +274,7 @@ def test_attention_ratio_budget(allocation):
 
 
 def test_allocation_curves_carry_no_autograd_graph(monkeypatch):
-    import vac.pipeline as pipeline
+    import vac.core.allocate as pipeline  # the knapsack the allocations call
 
     seen = []
     real = pipeline.knapsack

@@ -10,17 +10,21 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer, word_text
 from typer.testing import CliRunner
 
-import vac.cli_search  # noqa: F401  (registers the command)
+import vac.cli.search  # noqa: F401  (registers the command)
 from vac.cli import app
-from vac.corpora import CORPORA, SPLIT_DOCS
-from vac.data import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, eval_windows, sample_windows
+from vac.data.corpora import CORPORA, SPLIT_DOCS
+from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
+from vac.data.windows import eval_windows, sample_windows
 from vac.errors import VacError
-from vac.evaluate import perplexity
-from vac.pipeline import VacConfig, allocate, compress, layer_order, sequential_passes
-from vac.search import load_strategy, rescore_seconds, run_search
-from vac.search_scoring import FactorCache, ProxyScorer, cached_statistics, statistics_key
-from vac.search_space import Genome, SearchSetup, Space, check_sources, feasible_shares, source_units
-from vac.zoo import load_model
+from vac.core.evaluate import perplexity
+from vac.config import CompressConfig
+from vac.core.driver import allocate, compress, sequential_passes
+from vac.core.orders import layer_order
+from vac.search.run import load_strategy, rescore_seconds, run_search
+from vac.search.scoring import FactorCache, ProxyScorer, search_statistics
+from vac.data.specs import source_units
+from vac.search.space import Genome, SearchSetup, Space, check_sources, feasible_shares
+from vac.models.zoo import load_model
 
 runner = CliRunner()
 
@@ -57,8 +61,8 @@ def parts(files, tmp_path_factory):
     model, tok = load_model(setup.model)
     calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
     windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
-    folder = tmp_path_factory.mktemp("cache") / statistics_key(setup)
-    proxy, seq = cached_statistics(model, calib, setup, folder, progress=False)
+    folder = tmp_path_factory.mktemp("cache")
+    proxy, seq = search_statistics(model, calib, setup, setup.model, progress=False)
     factors = FactorCache(folder, model, proxy)
     return dict(setup=setup, model=model, calib=calib, windows=windows, proxy=proxy, seq=seq,
                 factors=factors, scorer=ProxyScorer(model, windows, setup, factors), folder=folder)
@@ -96,7 +100,7 @@ def test_proxy_scoring_equals_the_pipeline_without_new_svds(parts):
     svds = parts["factors"].svds
     ours = scorer.score(Genome((0, 1, 2, 3), *[getattr(g, f) for f in ("method", "exponent", "attn", "allocation", "log_weights")]))
     assert parts["factors"].svds == svds  # a rank change is a truncation of cached factors
-    cfg = g.config(setup.ratio, full=False, **setup.data())
+    cfg = g.config(setup, full=False)
     net = copy.deepcopy(model)
     result = compress(net, parts["calib"], cfg, progress=False, stats=parts["proxy"])
     ref = perplexity(net, parts["windows"], progress=False)["ppl"]
@@ -167,10 +171,9 @@ def test_deterministic_and_resume_equals_uninterrupted(files, tmp_path, monkeypa
 def test_strategy_file_reproduces_the_winner_through_the_pipeline(files, tmp_path, parts):
     setup = setup_for(files, population=3, top_k=2)
     summary = run_search(setup, tmp_path / "s", generations=2, progress=False, log=lambda _m: None)
-    fields = load_strategy(tmp_path / "s" / "strategy.json")
-    assert "calib" not in fields and fields["ratio"] == setup.ratio and fields["sequential"] is True
-    cfg = VacConfig(**fields, calib=setup.calib, calib_windows=setup.calib_windows,
-                    fisher_windows=setup.fisher_windows, seq_len=setup.seq_len)
+    strategy = load_strategy(tmp_path / "s" / "strategy.json")
+    assert not hasattr(strategy, "calib") and strategy.ratio == setup.ratio and strategy.sequential is True
+    cfg = CompressConfig(strategy, setup.data_config())
     net = copy.deepcopy(parts["model"])
     result = compress(net, parts["calib"], cfg, progress=False)  # its own statistics, like `vac compress`
     assert result.ratio == pytest.approx(summary["winner"]["ratio_reached"])
@@ -260,9 +263,9 @@ def test_parallel_workers_score_like_one_process(files, tmp_path):
 def test_compress_accepts_the_strategy_file(files, tmp_path):
     import inspect
 
-    from vac import cli as cli_module
+    from vac.cli import compress as cli_module
 
-    if "strategy" not in inspect.signature(cli_module.compress).parameters:
+    if "strategy_file" not in inspect.signature(cli_module.compress).parameters:
         pytest.skip("vac compress has no --strategy option yet (the cli.py patch)")
     code, _, err = cli(*search_args(files, tmp_path / "run"))
     assert code == 0, err

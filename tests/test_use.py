@@ -16,13 +16,14 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from typer.testing import CliRunner
 
-import vac.cli_use  # noqa: F401  (registers the commands on vac.cli.app)
-from vac import checkpoint, zoo
-from vac.card import build_card, size_on_disk, write_card
-from vac.chat import ThinkStream, generate_reply, prompt_opens_think, split_think
+import vac.cli.use  # noqa: F401  (registers the commands on vac.cli.app)
+from vac import checkpoint
+from vac.models import zoo
+from vac.deploy.card import build_card, size_on_disk, write_card
+from vac.deploy.chat import ThinkStream, generate_reply, prompt_opens_think, split_think
 from vac.cli import app
 from vac.errors import VacError
-from vac.layers import factorize_
+from vac.models.layers import factorize_
 
 SPECIALS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHARS = list(string.ascii_letters + string.digits + " .,!?'\n:-;")
@@ -352,7 +353,7 @@ def _text_file(tmp_path):
 
 def test_lm_eval_local_ppl_on_tiny_model(tmp_path, monkeypatch, ckpt):
     pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'vac[eval]')")
-    from vac.lmeval import run_tasks
+    from vac.deploy.lmeval import run_tasks
 
     monkeypatch.setenv("VAC_HOME", str(tmp_path / "home"))
     text = _text_file(tmp_path)

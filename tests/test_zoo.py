@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from vac.data import eval_windows
+from vac.data.windows import eval_windows
 from vac.errors import VacError
-from vac.evaluate import perplexity
-from vac.zoo import embedded_model_dir, load_model, resolve_model
+from vac.core.evaluate import perplexity
+from vac.models.zoo import embedded_model_dir, load_model, resolve_model
 
 
 def test_unknown_local_path_is_a_clear_error(tmp_path):
@@ -31,7 +31,7 @@ def test_embedded_default_resolves_and_scores_held_out_text():
 
 
 def test_pick_device():
-    from vac.zoo import pick_device
+    from vac.models.zoo import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,27 +1,17 @@
-"""Modeling code of vac checkpoints (shipped inside every checkpoint; imports only transformers/torch).
+"""Modeling code of a vac checkpoint (shipped inside every checkpoint; imports only transformers/torch).
 
-Each class is its base family's ``*ForCausalLM`` whose dense linears named in ``config.vac_ranks`` are
+The model is its base family's ``*ForCausalLM`` whose dense linears named in ``config.vac_ranks`` are
 replaced, at construction, by :class:`LowRankLinear` (``up(down(x))``). ``from_pretrained`` constructs
 models on the meta device, so the dense matrices are never allocated: the factors are created empty
-and filled straight from the checkpoint.
+and filled straight from the checkpoint. vac writes this file into each checkpoint for that
+checkpoint's family only: the lines marked ``vac:family`` name the family (Llama in vac's own copy).
 """
 
+import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM
-from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM
-from transformers.models.olmo3.modeling_olmo3 import Olmo3ForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaForCausalLM  # vac:family
 
-from .configuration_vac import (
-    VacLlamaConfig,
-    VacMistralConfig,
-    VacOlmo2Config,
-    VacOlmo3Config,
-    VacQwen2Config,
-    VacQwen3Config,
-)
+from .configuration_vac import VacLlamaConfig  # vac:family
 
 
 class LowRankLinear(nn.Module):
@@ -35,6 +25,17 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x):
         return self.up(self.down(x))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``up @ down`` (merged back, as PEFT layers ``merge``)."""
+        w = self.up.weight
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None,
+                          device=w.device, dtype=w.dtype)
+        dense.weight.copy_((self.up.weight.float() @ self.down.weight.float()).to(w.dtype))
+        if self.up.bias is not None:
+            dense.bias.copy_(self.up.bias)
+        return dense
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -60,35 +61,16 @@ def replace_with_low_rank(model, ranks):
         setattr(parent, name, layer)
 
 
-def _vac_class(base, config_class):
-    class VacForCausalLM(base):
-        def __init__(self, config):
-            super().__init__(config)
-            ranks = config.vac_rank_map()
-            if any(p == "lm_head" or p.endswith(".lm_head") for p in ranks):
-                config.tie_word_embeddings = False
-            replace_with_low_rank(self, ranks)
+class VacModelMixin:
+    """Builds the base model, then puts LowRankLinear where ``config.vac_ranks`` says."""
 
-    VacForCausalLM.config_class = config_class
-    VacForCausalLM.__name__ = VacForCausalLM.__qualname__ = "Vac" + base.__name__
-    return VacForCausalLM
+    def __init__(self, config):
+        super().__init__(config)
+        ranks = config.vac_rank_map()
+        if any(p == "lm_head" or p.endswith(".lm_head") for p in ranks):
+            config.tie_word_embeddings = False
+        replace_with_low_rank(self, ranks)
 
 
-VacLlamaForCausalLM = _vac_class(LlamaForCausalLM, VacLlamaConfig)
-VacMistralForCausalLM = _vac_class(MistralForCausalLM, VacMistralConfig)
-VacQwen2ForCausalLM = _vac_class(Qwen2ForCausalLM, VacQwen2Config)
-VacQwen3ForCausalLM = _vac_class(Qwen3ForCausalLM, VacQwen3Config)
-VacOlmo2ForCausalLM = _vac_class(Olmo2ForCausalLM, VacOlmo2Config)
-VacOlmo3ForCausalLM = _vac_class(Olmo3ForCausalLM, VacOlmo3Config)
-
-VAC_MODELS = {
-    cls.config_class.model_type.removeprefix("vac_"): cls
-    for cls in (
-        VacLlamaForCausalLM,
-        VacMistralForCausalLM,
-        VacQwen2ForCausalLM,
-        VacQwen3ForCausalLM,
-        VacOlmo2ForCausalLM,
-        VacOlmo3ForCausalLM,
-    )
-}
+class VacLlamaForCausalLM(VacModelMixin, LlamaForCausalLM):  # vac:family
+    config_class = VacLlamaConfig  # vac:family

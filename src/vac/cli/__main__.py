@@ -1,0 +1,5 @@
+"""``python -m vac.cli COMMAND ...`` (also under ``torchrun -m vac.cli distill ...``)."""
+
+from . import main
+
+main()

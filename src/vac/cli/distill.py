@@ -1,0 +1,137 @@
+"""``vac distill``: recover a compressed checkpoint by distillation from its dense teacher.
+
+Runs as one process, or data-parallel under torchrun::
+
+    torchrun --nproc_per_node 2 -m vac.cli distill STUDENT --teacher MODEL --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config import DEFAULT_CALIB, DEFAULT_EVAL
+from ..errors import VacError
+from .app import app, err, friendly, out
+
+
+@app.command()
+@friendly
+def distill(
+    student_dir: Path = typer.Argument(..., help="vac checkpoint folder to recover (the student)"),
+    teacher: Optional[str] = typer.Option(None, help="dense teacher: embedded name, folder or hub id "
+                                          "[default: the model named in the student's report.json]"),
+    data: str = typer.Option(DEFAULT_CALIB, help="training text source (never the evaluation split)"),
+    out_dir: Path = typer.Option(..., "--out", help="checkpoint folder to write (rerun to resume)"),
+    steps: int = typer.Option(200, help="optimizer steps (upper bound with --max-minutes)"),
+    seq_len: int = typer.Option(256, help="training window length in tokens"),
+    batch_size: int = typer.Option(8, help="global batch in sequences per optimizer step (all processes)"),
+    grad_accum: int = typer.Option(1, help="micro-batches per process per step"),
+    lr: float = typer.Option(1e-4, help="learning rate of the MLP linears (base lr)"),
+    attn_lr_mult: float = typer.Option(10.0, help="attention linears train at this multiple of --lr"),
+    warmup: int = typer.Option(10, help="linear warmup steps before the cosine decay"),
+    min_lr_ratio: float = typer.Option(0.1, help="final lr of the cosine as a fraction of the peak"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay on linear weights"),
+    clip: float = typer.Option(1.0, help="max global gradient norm (0: off)"),
+    temperature: float = typer.Option(1.0, "--temperature", "-T", help="distillation temperature T"),
+    alpha: float = typer.Option(0.5, help="loss = alpha*T^2*KL + (1-alpha)*NLL (per-token means)"),
+    chat_fraction: float = typer.Option(0.2, help="fraction of chat-formatted samples in the mix"),
+    chat_data: Optional[Path] = typer.Option(None, help='jsonl of {"messages": [...]} [default: built from --data]'),
+    chat_samples: int = typer.Option(512, help="size of the built-in chat set"),
+    train_norms: bool = typer.Option(False, "--train-norms/--freeze-norms", help="train the norm weights"),
+    train_embeddings: bool = typer.Option(False, "--train-embeddings/--freeze-embeddings",
+                                          help="train the embeddings and a dense lm_head"),
+    teacher_cache: Optional[Path] = typer.Option(None, help="folder of cached top-k teacher logits "
+                                                 "(KL on the renormalized top-k support)"),
+    top_k: int = typer.Option(64, help="teacher logits kept per position in --teacher-cache"),
+    save_every: int = typer.Option(50, help="save a resumable state every N steps"),
+    max_minutes: Optional[float] = typer.Option(None, help="training time budget; the schedule is fitted "
+                                                "to it after 5 steps"),
+    fsdp: bool = typer.Option(False, help="shard with FSDP2 (each decoder layer, then the root); torchrun only"),
+    bf16: bool = typer.Option(False, help="autocast to bfloat16 (GPUs)"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
+    seed: int = typer.Option(0, help="data order seed"),
+    eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text for PPL before/after ('' to skip)"),
+    eval_seq_len: int = typer.Option(512, help="evaluation window length"),
+    eval_windows: int = typer.Option(40, help="evaluation windows"),
+    overwrite: bool = typer.Option(False, help="start over even if --out holds a run"),
+):
+    """Distill TEACHER into the factorized STUDENT_DIR on --data; writes a vac checkpoint to --out."""
+    import torch
+
+    from .. import checkpoint
+    from ..core.report import summary_table
+    from ..data.windows import eval_windows as protocol_windows
+    from ..models.zoo import load_model, resolve_model
+    from ..recover.data import build_mix, check_no_overlap
+    from ..recover.distill import (
+        DistillConfig,
+        copy_reports,
+        init_distributed,
+        run_distill,
+    )
+
+    cfg = DistillConfig(
+        steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        attn_lr_mult=attn_lr_mult, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+        clip=clip, temperature=temperature, alpha=alpha, train_norms=train_norms,
+        train_embeddings=train_embeddings, top_k=top_k, seed=seed, save_every=save_every,
+        max_minutes=max_minutes, fsdp=fsdp, bf16=bf16,
+    )
+    cfg.check()
+    if not (student_dir / "config.json").is_file():
+        raise VacError(f"no checkpoint folder at {student_dir} (no config.json)")
+    if out_dir.resolve() == student_dir.resolve():
+        raise VacError("--out must differ from the student folder")
+    if chat_data is not None and not chat_data.is_file():
+        raise VacError(f"no such chat file: {chat_data}")
+    check_no_overlap(data, eval_data)
+    reports = copy_reports(student_dir)
+    if teacher is None:
+        teacher = (reports.get("report.json") or {}).get("model")
+        if not teacher:
+            raise VacError(f"{student_dir} names no teacher model (no report.json); pass --teacher")
+    teacher_source = resolve_model(teacher)
+
+    env = init_distributed(device)
+    student, tok = checkpoint.load(student_dir)
+    if tok is None:
+        raise VacError(f"{student_dir} has no tokenizer")
+    stored = json.loads((student_dir / "config.json").read_text()).get("dtype")
+    save_dtype = torch.bfloat16 if stored == "bfloat16" else None
+    mix = build_mix(tok, data, seq_len, chat_fraction, str(chat_data) if chat_data else None, chat_samples, seed)
+    windows = protocol_windows(tok, eval_data, eval_seq_len, eval_windows) if eval_data else None
+    run_info = {
+        "student": str(student_dir), "teacher": teacher, "data": data,
+        "chat": str(chat_data) if chat_data else (f"built-in from {data}" if chat_fraction else None),
+        "eval": eval_data or None,
+        "protocol": f"{eval_windows} non-overlapping windows of {eval_seq_len} tokens of {eval_data}, "
+                    "all shifted tokens scored, use_cache=False" if eval_data else None,
+        "command": " ".join(["vac"] + sys.argv[1:]),
+    }
+    result = run_distill(
+        student, lambda: load_model(teacher)[0], mix, cfg, out_dir, tokenizer=tok, eval_windows=windows,
+        teacher_cache=teacher_cache, teacher_id=teacher_source, run_info=run_info, overwrite=overwrite,
+        save_dtype=save_dtype, extra_files=reports, env=env,
+    )
+    if not env.main:
+        return
+    r = result.report
+    ppl = lambda p: f"{p['ppl']:.2f}" if p else "-"  # noqa: E731
+    last = r["loss_curve"][-1] if r["loss_curve"] else None
+    out.print(summary_table(f"vac distill: {student_dir} → {out_dir}", [
+        ("teacher", teacher),
+        ("data", f"{data} + {r['mix']['chat_fraction']:.0%} chat ({r['mix']['text_windows']} windows, "
+                 f"{r['mix']['chat_samples']} chats)"),
+        ("steps × batch × seq", f"{r['steps']} × {batch_size} × {seq_len}  ({env.world} process(es))"),
+        ("tokens", f"{r['tokens']:,}  ({r['tokens_per_second'] or 0:.0f}/s)"),
+        ("final loss (KL, NLL)", f"{last['loss']:.4f} ({last['kl']:.4f}, {last['nll']:.4f})" if last else "-"),
+        ("PPL before → after", f"{ppl(r['ppl_before'])} → {ppl(r['ppl_after'])}"
+                               + (f"  ({eval_data}, {eval_windows}x{eval_seq_len})" if eval_data else "")),
+        ("time", f"{r['minutes']:.1f} min training"),
+    ]))
+    err.print(f"wrote {out_dir} (distill.json, loss.png)", highlight=False)

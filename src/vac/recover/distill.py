@@ -1,0 +1,789 @@
+"""Recovery by knowledge distillation: train a factorized student against its dense teacher.
+
+Loss of one optimizer step, over the whole global batch (all micro-batches of all ranks)::
+
+    loss = α·T²·KL + (1−α)·NLL
+    KL   = (1/N) Σ_positions KL(p_T ‖ q_T)       p_T = softmax(teacher/T), q_T = softmax(student/T)
+    NLL  = (1/N) Σ_positions −log softmax(student)[next token]
+
+where the sums run over the N *scored positions* of the global batch: every position whose next token is
+a real token (padding of chat samples is not scored). Both terms are per-token means over the same N,
+so α weighs two quantities of the same scale (the published code summed the KL over positions, which
+made it hundreds of times larger than the NLL). Each rank divides its local sums by the global N
+(known to every rank: all ranks build the same global batch and take their slice), and DDP/FSDP
+average gradients over ranks, so local losses are multiplied by the world size: the gradient equals
+that of the single-process loss on the same global batch.
+
+Teacher logits come either live (the teacher runs in the same process, full-vocabulary KL) or from a
+top-k cache on disk (``teacher_cache``): for every position the ``k`` largest teacher logits (float16)
+and their token ids (int32) are stored, per sample, in a file named by the hash of the sample's tokens.
+The cached KL is taken on the renormalized top-k support S (the teacher's k most likely tokens)::
+
+    p_i = exp(t_i/T) / Σ_{j∈S} exp(t_j/T),   q_i = exp(s_i/T) / Σ_{j∈S} exp(s_j/T),   KL = Σ_{i∈S} p_i log(p_i/q_i)
+
+i.e. both distributions are restricted to S and renormalized there; the NLL term still uses the
+student's full softmax. Missing samples are computed with the teacher (loaded only then) and written,
+so a second run over the same data never loads the teacher; a freshly computed entry is rounded
+through float16 before use, exactly as if it had been read back.
+
+Data (:mod:`vac.recover.data`): ``DataMix`` interleaves non-overlapping text windows of a source with chat-formatted samples
+(rendered with the tokenizer's chat template, right-padded, padding not scored) in a fixed fraction.
+The sample at global position ``p`` is a pure function of ``(seed, p)``; step ``s`` uses positions
+``[s·B, (s+1)·B)`` and rank ``r`` of ``W`` takes the contiguous slice ``[r·B/W, (r+1)·B/W)`` of it, cut
+into ``grad_accum`` micro-batches. The data order therefore does not depend on the number of processes
+and a resumed run continues exactly where it stopped.
+
+Resumable: every ``save_every`` steps (and when training ends) the full student state, optimizer,
+scheduler, step, data position, loss curve and every rank's RNG states are written atomically to
+``OUT/resume/``; rerunning the same command continues from there. The finished result replaces ``OUT``
+with a normal vac checkpoint folder (``vac.checkpoint.save``) plus ``distill.json`` and ``loss.png``.
+
+Distributed: run the same code under ``torchrun --nproc_per_node N``: DDP (gloo on CPU, nccl on GPUs),
+or with ``fsdp=True`` torch's FSDP2 ``fully_shard`` on every decoder layer and then the root. The
+teacher is replicated on every rank (it only runs forward, under ``no_grad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..atomic import atomic_write, write_json
+from ..checkpoint.hf.modeling_vac import LowRankLinear
+from ..errors import VacError
+from ..models.families import arch_for
+from .data import DataMix
+
+DEFAULT_TOP_K = 64
+
+
+# ============================================================================ configuration
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of one distillation run (all of them define the run, for resuming)."""
+
+    steps: int = 200  # optimizer steps (upper bound when max_minutes is set)
+    seq_len: int = 256
+    batch_size: int = 8  # global batch: sequences per optimizer step, over all ranks
+    grad_accum: int = 1  # micro-batches per rank per step
+    lr: float = 1e-4  # MLP (base) learning rate
+    attn_lr_mult: float = 10.0  # attention linears train at attn_lr_mult × lr
+    warmup: int = 10  # linear warmup steps, then cosine decay to min_lr_ratio × lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # on linear weights only
+    clip: float = 1.0  # max global gradient norm (0: no clipping)
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KD term; 1 − alpha on the NLL
+    train_norms: bool = False
+    train_embeddings: bool = False  # embeddings and a dense lm_head
+    top_k: int = DEFAULT_TOP_K  # only used with a teacher cache
+    seed: int = 0
+    save_every: int = 50
+    max_minutes: float | None = None  # training-time budget (see plan_steps)
+    fsdp: bool = False
+    bf16: bool = False  # autocast to bfloat16 (master weights stay float32)
+
+    def check(self) -> None:
+        positive = {"steps": self.steps, "seq_len": self.seq_len - 1, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "lr": self.lr, "temperature": self.temperature,
+                    "save_every": self.save_every, "top_k": self.top_k}
+        for name, value in positive.items():
+            if not value > 0:
+                raise VacError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise VacError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.warmup < 0 or self.clip < 0 or self.weight_decay < 0 or self.attn_lr_mult <= 0:
+            raise VacError("--warmup, --clip and --weight-decay must be >= 0 and --attn-lr-mult > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise VacError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
+
+    def defining(self) -> dict:
+        """The fields a resumed run must share with the run it continues."""
+        skip = {"save_every", "max_minutes", "fsdp"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+# ============================================================================ loss
+
+
+def kd_sums(student_logits, targets, mask, temperature, teacher_logits=None, teacher_topk=None):
+    """Sums over the scored positions: ``(kl_sum, nll_sum, n)``.
+
+    All tensors are aligned on prediction positions: ``student_logits`` [b, P, V] predicts
+    ``targets`` [b, P]; ``mask`` [b, P] marks scored positions. The teacher is either full logits
+    [b, P, V] (full-vocabulary KL) or ``(values, indices)`` [b, P, k] (KL on the renormalized top-k
+    support, see the module docstring).
+    """
+    mask = mask.bool()
+    s = student_logits[mask].float()
+    nll = F.cross_entropy(s, targets[mask], reduction="sum")
+    if teacher_logits is not None:
+        t = teacher_logits[mask].float()
+    elif teacher_topk is not None:
+        values, indices = teacher_topk
+        t = values[mask].float()
+        s = s.gather(-1, indices[mask].long())
+    else:
+        raise ValueError("kd_sums needs teacher_logits or teacher_topk")
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum()
+    return kl, nll, int(mask.sum())
+
+
+def combine(kl_sum, nll_sum, n_tokens, temperature, alpha):
+    """``α·T²·kl_sum/N + (1−α)·nll_sum/N``: the per-token loss of a batch with N scored positions."""
+    return (alpha * temperature**2 * kl_sum + (1.0 - alpha) * nll_sum) / max(n_tokens, 1)
+
+
+def kd_loss(student_logits, targets, mask, temperature=1.0, alpha=0.5, teacher_logits=None,
+            teacher_topk=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mean KL, mean NLL) of one batch, both terms averaged per scored token."""
+    kl, nll, n = kd_sums(student_logits, targets, mask, temperature, teacher_logits, teacher_topk)
+    return combine(kl, nll, n, temperature, alpha), kl / max(n, 1), nll / max(n, 1)
+
+
+# ============================================================================ teacher
+
+
+class TopKCache:
+    """Per-sample top-k teacher logits on disk (see the module docstring for the exact KL)."""
+
+    def __init__(self, root: str | os.PathLike, k: int, teacher_id: str, load_teacher: Callable[[], nn.Module]):
+        self.root, self.k, self.teacher_id = Path(root), k, teacher_id
+        self._load, self._teacher = load_teacher, None
+        self.hits = self.misses = 0
+        meta_path = self.root / "meta.json"
+        meta = {"teacher": teacher_id, "k": k, "format": "values float16, indices int32, [seq_len-1, k]"}
+        if meta_path.is_file():
+            old = json.loads(meta_path.read_text())
+            if (old.get("teacher"), old.get("k")) != (teacher_id, k):
+                raise VacError(f"teacher cache {self.root} holds teacher {old.get('teacher')} with k={old.get('k')}, "
+                               f"not {teacher_id} with k={k}; use another folder")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(meta_path, meta)
+
+    def _path(self, ids: torch.Tensor, mask: torch.Tensor) -> Path:
+        key = hashlib.sha256(ids.numpy().astype(np.int64).tobytes() + mask.numpy().tobytes()).hexdigest()
+        return self.root / key[:2] / f"{key[2:40]}.pt"
+
+    @property
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            self._teacher = self._load()
+        return self._teacher
+
+    def get(self, ids: torch.Tensor, mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values float32, indices long)`` [b, L-1, k] for a batch (computing and writing misses)."""
+        ids, mask = ids.cpu(), mask.cpu()
+        paths = [self._path(ids[i], mask[i]) for i in range(ids.shape[0])]
+        entries: list = [None] * len(paths)
+        missing = []
+        for i, path in enumerate(paths):
+            if path.is_file():
+                entries[i] = torch.load(path)
+                self.hits += 1
+            else:
+                missing.append(i)
+        if missing:
+            self.misses += len(missing)
+            teacher = self.teacher
+            with torch.no_grad():
+                logits = teacher(input_ids=ids[missing].to(device), use_cache=False).logits[:, :-1].float()
+                values, indices = logits.topk(self.k, dim=-1)
+            for j, i in enumerate(missing):
+                entry = (values[j].half().cpu(), indices[j].int().cpu())
+                buffer = io.BytesIO()
+                torch.save(entry, buffer)
+                atomic_write(paths[i], buffer.getvalue())
+                entries[i] = entry
+        values = torch.stack([e[0] for e in entries]).float().to(device)
+        indices = torch.stack([e[1] for e in entries]).long().to(device)
+        return values, indices
+
+
+# ============================================================================ parameter groups
+
+
+def classify_parameters(model: nn.Module) -> dict[str, str]:
+    """``{parameter name: group}`` with groups 'attn', 'mlp', 'head', 'norms', 'embeddings', 'other'.
+
+    Linears of the decoder layers (LowRankLinear factors and dense linears alike, with their biases)
+    go to their component ('attn' or 'mlp'); a factorized lm_head is 'head'; a dense lm_head and the
+    token embeddings are 'embeddings'; norm weights are 'norms'.
+    """
+    arch = arch_for(model)
+    modules = dict(model.named_modules())
+    groups = {}
+    for name, _ in model.named_parameters():
+        module_path = name.rpartition(".")[0]
+        owner = module_path
+        parent = module_path.rpartition(".")[0]
+        if module_path.rpartition(".")[2] in ("down", "up") and isinstance(modules.get(parent), LowRankLinear):
+            owner = parent
+        module = modules[owner]
+        group = "other"
+        if isinstance(module, (nn.Linear, LowRankLinear)):
+            if owner.startswith(arch.layers + "."):
+                try:
+                    group = arch.component(owner)
+                except VacError:
+                    group = "other"
+            elif owner == arch.head:
+                group = "head" if isinstance(module, LowRankLinear) else "embeddings"
+        elif isinstance(module, nn.Embedding):
+            group = "embeddings"
+        elif "norm" in type(module).__name__.lower():
+            group = "norms"
+        groups[name] = group
+    return groups
+
+
+def group_lrs(cfg: DistillConfig) -> dict[str, float | None]:
+    """Learning rate per group (None: frozen)."""
+    return {
+        "attn": cfg.lr * cfg.attn_lr_mult,
+        "mlp": cfg.lr,
+        "head": cfg.lr,
+        "norms": cfg.lr if cfg.train_norms else None,
+        "embeddings": cfg.lr if cfg.train_embeddings else None,
+        "other": None,
+    }
+
+
+def freeze_(model: nn.Module, cfg: DistillConfig) -> dict[str, str]:
+    """Set ``requires_grad`` by group; returns the classification."""
+    classes = classify_parameters(model)
+    lrs = group_lrs(cfg)
+    for name, param in model.named_parameters():
+        param.requires_grad_(lrs[classes[name]] is not None)
+    return classes
+
+
+def param_groups(model: nn.Module, classes: dict[str, str], cfg: DistillConfig) -> list[dict]:
+    """Optimizer groups of the (possibly wrapped) model, named by group and by weight decay."""
+    lrs = group_lrs(cfg)
+    found: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        name = name.removeprefix("module.")
+        group = classes[name]
+        if lrs[group] is None or not param.requires_grad:
+            continue
+        decay = cfg.weight_decay > 0 and group in ("attn", "mlp", "head") and name.endswith(".weight")
+        found.setdefault((group, decay), []).append(param)
+    return [
+        {"name": group, "params": params, "lr": lrs[group], "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (group, decay), params in sorted(found.items())
+    ]
+
+
+def lr_lambda(cfg: DistillConfig, plan: dict) -> Callable[[int], float]:
+    """Linear warmup over ``cfg.warmup`` steps, then cosine from 1 to ``min_lr_ratio`` at ``plan['steps']``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        span = max(1, plan["steps"] - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ============================================================================ distributed helpers
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+    def agree(self, obj):
+        """Rank 0's value of ``obj`` on every rank."""
+        if not self.on:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def init_distributed(device: str | None = None) -> Dist:
+    """Join the torchrun process group (if WORLD_SIZE > 1) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device and device != "cpu" and not torch.cuda.is_available():
+        raise VacError(f"--device {device} requested but no GPU is available")
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+    return Dist(rank, world, local, dev)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ============================================================================ training
+
+
+@dataclass
+class Result:
+    report: dict
+    model: nn.Module | None  # the trained student on rank 0 (unwrapped), None elsewhere
+
+
+STATE_DIR = "resume"
+
+
+def output_state(out: Path, overwrite: bool) -> Path | None:
+    """The resume state in ``out`` to continue from, None for a fresh start; refuses other folders."""
+    state = out / STATE_DIR / "state.pt"
+    if overwrite or not out.exists():
+        return None
+    if state.is_file():
+        return state
+    if (out / "distill.json").is_file():
+        raise VacError(f"{out} already holds a finished distillation (pass --overwrite to redo it)")
+    if any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    return None
+
+
+def run_distill(
+    student: nn.Module,
+    teacher: nn.Module | Callable[[], nn.Module] | None,
+    mix: DataMix,
+    cfg: DistillConfig,
+    out: str | os.PathLike,
+    *,
+    tokenizer=None,
+    eval_windows: torch.Tensor | None = None,
+    teacher_cache: str | os.PathLike | None = None,
+    teacher_id: str = "teacher",
+    run_info: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    save_dtype: torch.dtype | None = None,
+    extra_files: dict | None = None,
+    env: Dist | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> Result:
+    """Distill ``teacher`` into ``student`` on ``mix`` and save the result as a vac checkpoint at ``out``.
+
+    ``teacher`` is a model or a zero-argument loader (called only when teacher logits are needed).
+    With ``teacher_cache`` the KL uses cached top-k logits. ``eval_windows`` [n, L] are scored before
+    and after (PPL protocol of :mod:`vac.core.evaluate`). Rerunning with the same arguments resumes from the
+    last state saved in ``out``. ``on_step(step, record)`` is called after every optimizer step.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    env = env or init_distributed()
+    out = Path(out)
+    run_info = dict(run_info or {})
+    if mix.seq_len != cfg.seq_len:
+        raise VacError(f"data windows hold {mix.seq_len} tokens, --seq-len is {cfg.seq_len}")
+    per_rank, rest = divmod(cfg.batch_size, env.world)
+    micro, rest2 = divmod(per_rank, cfg.grad_accum)
+    if rest or rest2 or micro == 0:
+        raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
+                       f"{cfg.grad_accum} micro-batches")
+    resume_path = output_state(out, overwrite)  # every rank checks (the folder is shared)
+    state = torch.load(resume_path, weights_only=False) if resume_path else None
+    if state is not None:
+        _check_same_run(state, cfg, run_info, out)
+
+    device = env.device
+    load_teacher = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
+    _teacher_box: list = []
+
+    def get_teacher() -> nn.Module:
+        if not _teacher_box:
+            model = load_teacher()
+            if model is None:
+                raise VacError("teacher logits are needed but no teacher was given")
+            model.to(device).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if model.config.vocab_size != student.config.vocab_size:
+                raise VacError(f"teacher vocabulary ({model.config.vocab_size}) differs from the student's "
+                               f"({student.config.vocab_size})")
+            _teacher_box.append(model)
+        return _teacher_box[0]
+
+    cache = TopKCache(teacher_cache, cfg.top_k, teacher_id, get_teacher) if teacher_cache else None
+    if cache is None:
+        get_teacher()
+    env.barrier()
+
+    student.to(device)
+    classes = freeze_(student, cfg)
+    ppl_before = state["ppl_before"] if state else None
+    if state is None and eval_windows is not None and env.main:
+        ppl_before = _perplexity(student, eval_windows, cfg, progress)
+    student.train()
+
+    model = _wrap(student, cfg, env)
+    groups = param_groups(model, classes, cfg)
+    if not groups:
+        raise VacError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    plan = {"steps": cfg.steps, "fixed": cfg.max_minutes is None}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan))
+    step, history, seconds, tokens, scored = 0, [], 0.0, 0, 0
+    if state is not None:
+        _load_state(model, optimizer, scheduler, state, env)
+        step, history, seconds = state["step"], state["history"], state["seconds"]
+        tokens, scored = state["tokens"], state["scored"]
+        plan.update(state["plan"])
+    group_names = [g["name"] for g in optimizer.param_groups]
+    base = group_names.index("mlp") if "mlp" in group_names else 0
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    bar = tqdm(total=plan["steps"], initial=step, desc="distill", unit="step", disable=not (progress and env.main),
+               dynamic_ncols=True)
+    run_started, run_steps = time.perf_counter(), 0
+    while step < plan["steps"]:
+        t0 = time.perf_counter()
+        ids, mask = mix.batch(step * cfg.batch_size, cfg.batch_size)
+        n_scored = int(mask[:, 1:].sum())
+        lo = env.rank * per_rank
+        sums = torch.zeros(3, dtype=torch.float64)
+        for m in range(cfg.grad_accum):
+            rows = slice(lo + m * micro, lo + (m + 1) * micro)
+            x, xm = ids[rows].to(device), mask[rows].to(device)
+            sync = m == cfg.grad_accum - 1
+            with _no_sync(model, cfg, env, sync), _autocast(cfg, device):
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+                targets, smask = x[:, 1:], xm[:, 1:]
+                if cache is not None:
+                    kl, nll, n = kd_sums(logits, targets, smask, cfg.temperature, teacher_topk=cache.get(x, xm, device))
+                else:
+                    with torch.no_grad():
+                        t_logits = get_teacher()(input_ids=x, use_cache=False).logits[:, :-1]
+                    kl, nll, n = kd_sums(logits, targets, smask, cfg.temperature, teacher_logits=t_logits)
+                loss = combine(kl, nll, n_scored, cfg.temperature, cfg.alpha) * env.world
+            loss.backward()
+            sums += torch.tensor([kl.item(), nll.item(), float(xm.sum())], dtype=torch.float64)
+        if env.on:
+            dist.all_reduce(sums)
+        grad_norm = _clip(trainable, cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        run_steps += 1
+        seconds += time.perf_counter() - t0
+        tokens += int(sums[2])
+        scored += n_scored
+        kl_mean, nll_mean = float(sums[0]) / max(n_scored, 1), float(sums[1]) / max(n_scored, 1)
+        record = {
+            "step": step, "loss": cfg.alpha * cfg.temperature**2 * kl_mean + (1 - cfg.alpha) * nll_mean,
+            "kl": kl_mean, "nll": nll_mean, "lr": optimizer.param_groups[base]["lr"],
+            "grad_norm": grad_norm, "tokens": tokens, "seconds": round(seconds, 3),
+        }
+        history.append(record)
+        if not plan["fixed"] and run_steps >= min(5, plan["steps"]):
+            plan["steps"] = env.agree(_planned_steps(cfg, step, seconds, run_started, run_steps))
+            plan["fixed"] = True
+            bar.total = plan["steps"]
+            bar.refresh()
+        if cfg.max_minutes is not None and env.agree(seconds > cfg.max_minutes * 60):
+            plan["steps"], plan["fixed"] = step, True  # hard stop: over the time budget
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{float(sums[2]) / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if on_step is not None:
+            on_step(step, record)
+        if step % cfg.save_every == 0 or step >= plan["steps"]:
+            _save_state(out, model, optimizer, scheduler, env, {
+                "step": step, "position": step * cfg.batch_size, "history": history, "seconds": seconds,
+                "tokens": tokens, "scored": scored, "plan": plan, "ppl_before": ppl_before,
+                "config": cfg.defining(), "run": run_info,
+            })
+    bar.close()
+
+    trained = _unwrapped(model, student, cfg, env)
+    result_model = None
+    report = None
+    if env.main:
+        trained.eval()
+        ppl_after = _perplexity(trained, eval_windows, cfg, progress) if eval_windows is not None else None
+        report = {
+            **run_info,
+            "config": asdict(cfg),
+            "world_size": env.world,
+            "device": str(device),
+            "ppl_before": ppl_before,
+            "ppl_after": ppl_after,
+            "steps": step,
+            "tokens": tokens,
+            "scored_tokens": scored,
+            "minutes": seconds / 60,
+            "tokens_per_second": tokens / seconds if seconds else None,
+            "mix": mix.describe(),
+            "param_groups": [
+                {"name": g["name"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"],
+                 "tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"])}
+                for g in optimizer.param_groups
+            ],
+            "frozen_params": sum(p.numel() for p in student.parameters() if not p.requires_grad),
+            "teacher_cache": None if cache is None else
+            {"dir": str(cache.root), "k": cache.k, "hits": cache.hits, "misses": cache.misses},
+            "loss": "alpha*T^2*KL + (1-alpha)*NLL, both averaged over the scored tokens of the global batch"
+            + ("; KL on the renormalized teacher top-k support" if cache is not None else "; full-vocabulary KL"),
+            "loss_curve": history,
+        }
+        files = dict(extra_files or {})
+        files["distill.json"] = report
+        summary = {k: report[k] for k in ("ppl_before", "ppl_after", "steps", "tokens", "minutes")}
+        summary |= {"teacher": run_info.get("teacher"), "details": "distill.json"}
+        if isinstance(files.get("report.json"), dict):  # the student's compression report, extended
+            files["report.json"] = {**files["report.json"], "distill": summary}
+        else:
+            files["report.json"] = report
+        files["loss.png"] = loss_plot(history, f"distill {run_info.get('student', '')}".strip())
+        from .. import checkpoint
+
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        checkpoint.save(trained, tokenizer, out, overwrite=True, dtype=save_dtype, extra=files)
+        result_model = trained
+    env.barrier()
+    return Result(report, result_model)
+
+
+def _check_same_run(state: dict, cfg: DistillConfig, run_info: dict, out: Path) -> None:
+    old, new = state["config"], cfg.defining()
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise VacError(f"{out} holds an unfinished run with {key}={old.get(key)}, not {new.get(key)}; "
+                           "rerun the same command to resume it, or pass --overwrite to start over")
+    for key in sorted(set(state.get("run", {})) | set(run_info)):
+        if key in ("command",):
+            continue
+        if state.get("run", {}).get(key) != run_info.get(key):
+            raise VacError(f"{out} holds an unfinished run with another {key}; "
+                           "rerun the same command to resume it, or pass --overwrite to start over")
+
+
+def _planned_steps(cfg: DistillConfig, step: int, seconds: float, started: float, run_steps: int) -> int:
+    """Fix the schedule length so the training fits ``max_minutes`` at the speed measured so far."""
+    per_step = (time.perf_counter() - started) / max(run_steps, 1)
+    remaining = cfg.max_minutes * 60 - seconds  # type: ignore[operator]
+    return int(min(cfg.steps, max(step, step + remaining // max(per_step, 1e-9))))
+
+
+def _perplexity(model, windows, cfg, progress) -> dict:
+    from ..core.evaluate import perplexity
+
+    with _autocast(cfg, next(model.parameters()).device):
+        return perplexity(model, windows, progress=progress)
+
+
+@contextlib.contextmanager
+def _autocast(cfg: DistillConfig, device):
+    device = torch.device(device)
+    if cfg.bf16:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def _wrap(student: nn.Module, cfg: DistillConfig, env: Dist) -> nn.Module:
+    if not env.on and not cfg.fsdp:
+        return student
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not env.on:
+            raise VacError("--fsdp needs several processes: run under torchrun --nproc_per_node N")
+        layers = student.get_submodule(arch_for(student).layers)
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(student)
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _no_sync(model, cfg: DistillConfig, env: Dist, sync: bool):
+    """Skip the gradient all-reduce on all micro-batches but the last of a step."""
+    if not env.on or sync:
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(True)
+        yield
+    elif cfg.fsdp:
+        model.set_requires_gradient_sync(False)
+        yield
+    else:
+        with model.no_sync():
+            yield
+
+
+def _clip(params: list, max_norm: float) -> float:
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _sd_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _save_state(out: Path, model, optimizer, scheduler, env: Dist, meta: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from ..checkpoint import atomic_dir
+
+    options = _sd_options(cpu_offload=True) if env.on else _sd_options()
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    rngs = env.gather(_rng_state())
+    if env.main:
+        state = {**meta, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                 "rng": rngs, "world_size": env.world}
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out / STATE_DIR, overwrite=True) as tmp:
+            torch.save(state, tmp / "state.pt")
+            (tmp / "progress.json").write_text(json.dumps({k: meta[k] for k in ("step", "position", "tokens")}))
+    env.barrier()
+
+
+def _load_state(model, optimizer, scheduler, state: dict, env: Dist) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, state["model"], options=_sd_options())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_sd_options())
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("world_size") == env.world:
+        _set_rng_state(state["rng"][env.rank])
+
+
+def _unwrapped(model, student, cfg: DistillConfig, env: Dist):
+    """The trained student as a plain module on rank 0 (gathering FSDP shards), None elsewhere."""
+    if not cfg.fsdp:
+        return student if env.main else None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_sd_options(cpu_offload=True))
+    if not env.main:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(student.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise VacError(f"gathered FSDP state does not fit the student ({(unexpected or missing)[0]})")
+    fresh.tie_weights()
+    return fresh.to(env.device)
+
+
+def loss_plot(history: list[dict], title: str) -> bytes:
+    """PNG of the loss, KL and NLL per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    for key in ("loss", "kl", "nll"):
+        ax.plot(steps, [h[key] for h in history], label=key, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("per-token value")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def copy_reports(student_dir: Path) -> dict:
+    """The student folder's report files to carry into the distilled checkpoint."""
+    files = {}
+    for name in ("report.json", "ranks.png"):
+        path = student_dir / name
+        if path.is_file():
+            files[name] = path.read_bytes() if name.endswith(".png") else json.loads(path.read_text())
+    return files
+
+
+__all__ = [
+    "DistillConfig", "TopKCache", "kd_sums", "kd_loss", "combine", "classify_parameters", "param_groups",
+    "freeze_", "group_lrs", "lr_lambda", "run_distill", "init_distributed", "Dist", "loss_plot", "copy_reports",
+]

@@ -1,0 +1,185 @@
+"""What ``vac search`` computes once and reuses: dense statistics, weighted-SVD factors per
+(method, exponent), and the proxy scorer that turns a genome into a perplexity by truncation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_write
+from ..cache import StatisticsCache
+from ..config import CompressConfig
+from ..core.allocate import (
+    ALLOCATIONS,
+    DENSE,
+    Matrix,
+    assign_ranks,
+    matrices_of,
+    total_params,
+)
+from ..core.calibrate import Statistics
+from ..core.driver import compress, fisher_part, input_part
+from ..core.evaluate import perplexity
+from ..core.methods import decompose, tail_energy, weighting
+from ..models.families import arch_for
+from ..models.layers import factorize_, max_useful_rank
+from .space import Genome, SearchSetup, assert_budget, max_step
+
+# ----------------------------------------------------------------------------- caches
+
+
+def search_statistics(model, calib: torch.Tensor, setup: SearchSetup, source: str | None,
+                      progress: bool = True, log=None) -> tuple[Statistics, Statistics]:
+    """(proxy, sequential) dense statistics from the statistics cache of ``vac compress``
+    (:class:`vac.cache.StatisticsCache`, ``source`` the model folder; None: not cached).
+
+    ``sequential``: exactly what ``compress`` computes for a sequential vac config (Fisher over the
+    first ``fisher_windows`` windows, with the input statistics of those windows); ``proxy``: the same
+    Fisher with input statistics over all calibration windows (what a non-sequential vac uses)."""
+    data = setup.data_config()
+    part = StatisticsCache(source, data, calib, log)
+    n = min(data.fisher_windows, len(calib))
+    fisher, seq_inputs = part("fisher", n, lambda: fisher_part(model, calib, data, progress))
+    inputs = part("inputs", len(calib), lambda: input_part(model, calib, data, progress))
+    return Statistics(inputs, fisher), Statistics(seq_inputs, fisher)
+
+
+class FactorCache:
+    """Weighted SVD factors of every matrix per (method, exponent), at the largest useful rank: a rank
+    ``r`` factorization is ``up[:, :r] @ down[:r]``, the same as factorizing at rank ``r``. Kept on
+    disk (safetensors) and the last ``keep`` sets in memory; spectra of all sets in memory."""
+
+    def __init__(self, folder: Path, model, stats: Statistics | None = None, keep: int = 2,
+                 asvd_alpha: float | None = None):
+        self.folder, self.model, self.stats, self.keep, self.asvd_alpha = folder, model, stats, keep, asvd_alpha
+        self.memory: OrderedDict[str, dict] = OrderedDict()
+        self.spectra_memo: dict[str, dict[str, torch.Tensor]] = {}
+        self.svds = 0  # weighted SVDs computed by this cache (tests: none per candidate)
+
+    @staticmethod
+    def name(method: str, exponent: float) -> str:
+        return "factors-whiten" if method == "whiten" else f"factors-{method}-{exponent:.6f}"
+
+    def get(self, method: str, exponent: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        name = self.name(method, exponent)
+        if name in self.memory:
+            self.memory.move_to_end(name)
+            return self.memory[name]
+        path = self.folder / f"{name}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            flat = load_file(path)
+        else:
+            flat = self._compute(method, exponent)
+            from safetensors.torch import save_file
+
+            atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+        paths = sorted({k.rsplit("|", 1)[0] for k in flat})
+        self.spectra_memo[name] = {p: flat[f"{p}|s"] for p in paths}
+        entry = {p: (flat[f"{p}|up"], flat[f"{p}|down"]) for p in paths}
+        self.memory[name] = entry
+        while len(self.memory) > self.keep:
+            self.memory.popitem(last=False)
+        return entry
+
+    def spectra(self, method: str, exponent: float) -> dict[str, torch.Tensor]:
+        name = self.name(method, exponent)
+        if name not in self.spectra_memo:
+            self.get(method, exponent)
+        return self.spectra_memo[name]
+
+    @torch.no_grad()
+    def _compute(self, method: str, exponent: float) -> dict[str, torch.Tensor]:
+        if self.stats is None:
+            raise RuntimeError(f"factor set {self.name(method, exponent)} is missing and there are no statistics")
+        flat = {}
+        for m in matrices_of(self.model):
+            w = weighting(method, self.stats.inputs.get(m.path), self.stats.fisher.get(m.path), exponent,
+                          self.asvd_alpha)
+            weight = self.model.get_submodule(m.path).weight
+            u, s, vh = decompose(weight, w)
+            self.svds += 1
+            up, down = w.factors(u, s, vh, max_useful_rank(m.out_features, m.in_features))
+            flat[f"{m.path}|up"] = up.float().contiguous()
+            flat[f"{m.path}|down"] = down.float().contiguous()
+            # the allocation curve exactly as core.driver.allocation_curves computes it (svdvals, not the SVD's s)
+            flat[f"{m.path}|s"] = torch.linalg.svdvals(w.apply(weight)).contiguous()
+        return flat
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else float("inf")
+
+
+class ProxyScorer:
+    """Scores genomes under the proxy: knapsack over cached spectra, truncation of cached factors
+    (no sequential statistics), perplexity on the search windows."""
+
+    def __init__(self, model, windows: torch.Tensor, setup: SearchSetup, factors: FactorCache):
+        self.model, self.windows, self.setup, self.factors = model, windows, setup, factors
+        self.arch = arch_for(model)
+        self.matrices = matrices_of(model)
+        self.step_cost = max_step(self.matrices, setup.rank_step, setup.rank_floor)
+
+    def allocation(self, genome: Genome) -> tuple[CompressConfig, dict[str, int]]:
+        """The genome's proxy config and its rank map, from the cached spectra (no SVD)."""
+        cfg = genome.config(self.setup, full=False)
+        s = cfg.strategy
+        matrices = [Matrix(m.path, m.out_features, m.in_features) for m in self.matrices]
+        if ALLOCATIONS[s.allocation].needs_curves:
+            spectra = self.factors.spectra(genome.method, genome.exponent)
+            weights = s.type_weights or {}
+            for m in matrices:
+                m.curve = tail_energy(spectra[m.path]) * weights.get(self.arch.kind(m.path), 1.0)
+        ranks = assign_ranks(matrices, self.arch, s)
+        assert_budget(sum(m.dense_params for m in matrices), total_params(matrices, ranks), s, self.step_cost)
+        return cfg, ranks
+
+    def compressed(self, genome: Genome):
+        """A compressed copy of the model under the proxy, and its rank map."""
+        _, ranks = self.allocation(genome)
+        factors = self.factors.get(genome.method, genome.exponent)
+        net = copy.deepcopy(self.model)
+        factorize_(net, {p: r for p, r in ranks.items() if r != DENSE},
+                   lambda path, _w, r: (factors[path][0][:, :r], factors[path][1][:r]))
+        return net, ranks
+
+    def score(self, genome: Genome) -> dict:
+        t0 = time.perf_counter()
+        net, ranks = self.compressed(genome)
+        ppl = perplexity(net, self.windows, progress=False)["ppl"]
+        after = total_params(self.matrices, ranks)
+        return {"score": finite(ppl), "params_after": after,
+                "ratio_reached": sum(m.dense_params for m in self.matrices) / after,
+                "seconds": time.perf_counter() - t0}
+
+
+_WORKER: dict = {}
+
+
+def worker_init(model_spec: str, windows: torch.Tensor, setup_json: dict, folder: str, threads: int):
+    from ..models.zoo import load_model
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(model_spec)
+    setup = SearchSetup(**setup_json)
+    _WORKER["scorer"] = ProxyScorer(model, windows, setup, FactorCache(Path(folder), model))
+
+
+def worker_score(genome: dict) -> dict:
+    return _WORKER["scorer"].score(Genome.from_dict(genome))
+
+
+def full_compress(model, calib: torch.Tensor, stats: Statistics, cfg: CompressConfig, step_cost: int):
+    """A compressed copy of ``model`` under ``cfg`` (what ``vac compress`` does) and its Result."""
+    net = copy.deepcopy(model)
+    result = compress(net, calib, cfg, progress=False, stats=stats)
+    assert_budget(result.params_before, result.params_after, cfg.strategy.resolved(), step_cost)
+    return net, result
