@@ -70,7 +70,7 @@ class StrategyConfig:
     mlp_ratio: float | None = _opt(None, "fixed budget ratio of the MLP linears")
     rank_step: int = _opt(8, "rank grid step of the allocation", min=1)
     rank_floor: int = _opt(8, "smallest rank a matrix can get", min=1)
-    asvd_alpha: float = _opt(0.5, "activation exponent of asvd", cli=False)
+    asvd_alpha: float | None = _opt(None, "activation exponent of asvd [default: the method's]", cli=False)
 
     def __post_init__(self):
         from .core.allocate import ALLOCATIONS

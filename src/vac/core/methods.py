@@ -107,14 +107,12 @@ class Weighting:
 def weighting(method: str, inputs: InputStats | None, fisher: FisherStats | None,
               fisher_exponent: float | None = None, asvd_alpha: float | None = None) -> Weighting:
     """The weighting of ``method`` for one matrix from its statistics (``None``: the method's
-    default exponent and :class:`~vac.config.StrategyConfig`'s asvd alpha)."""
-    from ..config import StrategyConfig
-
+    default exponent and alpha)."""
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
     spec = METHODS[method]
     exponent = spec.defaults["fisher_exponent"] if fisher_exponent is None else fisher_exponent
-    alpha = StrategyConfig.asvd_alpha if asvd_alpha is None else asvd_alpha
+    alpha = spec.defaults.get("asvd_alpha") if asvd_alpha is None else asvd_alpha
     return spec.weighting(inputs, fisher, exponent, alpha)
 
 
@@ -133,7 +131,7 @@ def _fwsvd(inputs, fisher, exponent, alpha) -> Weighting:
     return Weighting(left=_normalized(fisher.row).pow(exponent))
 
 
-@register_method("asvd", needs=("inputs",))
+@register_method("asvd", needs=("inputs",), asvd_alpha=0.5)  # ASVD's published α
 def _asvd(inputs, fisher, exponent, alpha) -> Weighting:
     scale = (inputs.abs_sum / max(inputs.tokens, 1)).clamp_min(1e-6)
     return Weighting(right=_normalized(scale).pow(alpha))
