@@ -114,9 +114,8 @@ def timed(fn, repeats: int) -> float:
 def speed(layers: int) -> dict:
     from transformers import Olmo3Config, Olmo3ForCausalLM
 
-    from vac.core.allocate import uniform_ranks
+    from vac.core.allocate import matrices_of, uniform_ranks
     from vac.models.layers import factorize_
-    from vac.core.allocate import matrices_of
 
     config = Olmo3Config(
         vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,

@@ -28,10 +28,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from vac.search.ablation import run_ablation
 from vac.atomic import write_json
 from vac.cache import cache_dir
 from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
+from vac.search.ablation import run_ablation
 from vac.search.run import run_search
 from vac.search.space import SearchSetup
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from vac.models.families import arch_for
-from vac.core.calibrate import InputStats, LayerStream, fisher_stats, layer_input_stats, window_loss
-
 from conftest import VOCAB, tiny_llama, tiny_olmo3, tokens
 
+from vac.core.calibrate import InputStats, LayerStream, fisher_stats, layer_input_stats, window_loss
+from vac.models.families import arch_for
 
 MODELS = {"llama": tiny_llama, "olmo3": tiny_olmo3}
 

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_llama, tiny_olmo3, tokens
 
 from vac import checkpoint
+from vac.atomic import atomic_dir
 from vac.errors import VacError
 from vac.models.layers import LowRankLinear, factorize_
 
@@ -139,7 +140,7 @@ def test_save_is_atomic_and_refuses_existing(tmp_path):
         pass
 
     with pytest.raises(Boom):
-        with checkpoint.atomic_dir(tmp_path / "new") as tmp:
+        with atomic_dir(tmp_path / "new") as tmp:
             (tmp / "half.bin").write_bytes(b"x")
             raise Boom
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

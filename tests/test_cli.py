@@ -122,9 +122,8 @@ def test_bad_model_and_data_inputs(tiny_folder, tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from conftest import tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128)).save_pretrained(folder)

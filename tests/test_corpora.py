@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from vac.data import corpora
-from vac.data.specs import read_source
 from vac.data.corpora import (
     BIBLE_BOOKS,
     CORPORA,
@@ -31,6 +30,7 @@ from vac.data.corpora import (
     split_docs,
     unserialize_r,
 )
+from vac.data.specs import read_source
 
 
 @pytest.fixture(autouse=True)
@@ -430,6 +430,7 @@ def test_corrupt_cache_is_a_clear_error(vac_home: Path) -> None:
 
 def test_fetch_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_run(cmd: list[str], what: str, **kwargs: object) -> None:
+        assert cmd == ["apt-get", "download", "sword-text-web=426.0-1"]  # the pinned version is asked for
         Path(kwargs["cwd"], "sword-text-web_427.0-1_all.deb").write_bytes(b"other bytes")  # type: ignore[arg-type]
 
     monkeypatch.setattr(corpora, "_run", fake_run)
@@ -446,6 +447,11 @@ def test_run_reports_missing_tool_and_apt_update_hint(tmp_path: Path) -> None:
     with pytest.raises(VacDataError) as excinfo:
         corpora._run([sys.executable, "-c", script], "apt-get download foo")
     assert "run `apt-get update`" in one_line_error(excinfo)
+    script = "import sys; sys.stderr.write(\"E: Version '9' for 'foo' was not found\\n\"); sys.exit(100)"
+    with pytest.raises(VacDataError) as excinfo:
+        corpora._run([sys.executable, "-c", script], "apt-get download foo=9")
+    assert "apt-get download foo=9 failed: E: Version '9' for 'foo' was not found" in one_line_error(excinfo)
+    assert "does not carry that pinned version" in one_line_error(excinfo)
 
 
 # ----------------------------------------------------------------------------- read_source

@@ -13,11 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vac import checkpoint
 from vac.deploy.bench import linear_macs, load_peak_rss
+from vac.deploy.compat import fast_int8_loading
 from vac.deploy.decode import fast_decode_
+from vac.deploy.quantize import quantize_checkpoint
 from vac.errors import VacError
 from vac.models.layers import LowRankLinear, factorize_
-from vac.deploy.compat import fast_int8_loading
-from vac.deploy.quantize import quantize_checkpoint
 
 pytest.importorskip("torchao")
 from torchao.quantization import Int8Tensor  # noqa: E402

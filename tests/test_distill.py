@@ -11,10 +11,10 @@ import torch
 from conftest import VOCAB, tiny_llama, tiny_tokenizer, tokens
 
 from vac import checkpoint
-from vac.recover.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
-from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
 from vac.errors import VacError
 from vac.models.layers import factorize_
+from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
+from vac.recover.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
 
 SEQ = 16
 

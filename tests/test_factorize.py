@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama, tokens
 
+from vac.config import CompressConfig
+from vac.core.driver import dense_statistics
 from vac.core.methods import (
     METHODS,
     Weighting,
@@ -13,10 +16,6 @@ from vac.core.methods import (
     tail_energy,
     weighting,
 )
-from vac.config import CompressConfig
-from vac.core.driver import dense_statistics
-
-from conftest import tiny_llama, tokens
 
 PATHS = [
     "model.layers.0.self_attn.q_proj",  # 64 x 64

@@ -11,13 +11,12 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, tokens
 
 import vac
 from vac import checkpoint
 from vac.errors import VacError
 from vac.models.families import FAMILIES, arch_for
-
-from conftest import VOCAB, tokens
 
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=None)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from vac import checkpoint
-from vac.core.allocate import DENSE, uniform_ranks
-from vac.models.families import arch_for
-from vac.checkpoint.hf.modeling_vac import LowRankLinear
-from vac.errors import VacError
-from vac.core.methods import METHODS
-from vac.config import CompressConfig, StrategyConfig
-from vac.core.allocate import matrices_of
-from vac.core.driver import compress, sequential_passes
-from vac.core.orders import layer_order
-
 from conftest import tiny_llama, tokens
 
+from vac import checkpoint
+from vac.checkpoint.hf.modeling_vac import LowRankLinear
+from vac.config import CompressConfig, StrategyConfig
+from vac.core.allocate import DENSE, matrices_of, uniform_ranks
+from vac.core.driver import compress, sequential_passes
+from vac.core.methods import METHODS
+from vac.core.orders import layer_order
+from vac.errors import VacError
+from vac.models.families import arch_for
 
 WINDOWS = tokens(8, 32)
 STEP = 2  # fine rank grid: a tiny model's budget can be met closely

@@ -12,19 +12,18 @@ from typer.testing import CliRunner
 
 import vac.cli.search  # noqa: F401  (registers the command)
 from vac.cli import app
+from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, CompressConfig
+from vac.core.driver import allocate, compress, sequential_passes
+from vac.core.evaluate import perplexity
+from vac.core.orders import layer_order
 from vac.data.corpora import CORPORA, SPLIT_DOCS
-from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH
+from vac.data.specs import source_units
 from vac.data.windows import eval_windows, sample_windows
 from vac.errors import VacError
-from vac.core.evaluate import perplexity
-from vac.config import CompressConfig
-from vac.core.driver import allocate, compress, sequential_passes
-from vac.core.orders import layer_order
+from vac.models.zoo import load_model
 from vac.search.run import load_strategy, rescore_seconds, run_search
 from vac.search.scoring import FactorCache, ProxyScorer, search_statistics
-from vac.data.specs import source_units
 from vac.search.space import Genome, SearchSetup, Space, check_sources, feasible_shares
-from vac.models.zoo import load_model
 
 runner = CliRunner()
 

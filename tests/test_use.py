@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 import vac.cli.use  # noqa: F401  (registers the commands on vac.cli.app)
 from vac import checkpoint
-from vac.models import zoo
+from vac.cli import app
 from vac.deploy.card import build_card, size_on_disk, write_card
 from vac.deploy.chat import ThinkStream, generate_reply, prompt_opens_think, split_think
-from vac.cli import app
 from vac.errors import VacError
+from vac.models import zoo
 from vac.models.layers import factorize_
 
 SPECIALS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]

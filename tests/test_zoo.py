@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from vac.core.evaluate import perplexity
 from vac.data.windows import eval_windows
 from vac.errors import VacError
-from vac.core.evaluate import perplexity
 from vac.models.zoo import embedded_model_dir, load_model, resolve_model
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .atomic import torch_save, write_json
+from .faults import kill_point
 
 
 def cache_dir() -> Path:
@@ -129,6 +130,7 @@ class StatisticsCache:
                 torch_save({"fisher": pack_fisher(value[0]), "inputs": pack_inputs(value[1])}, path)
             else:
                 torch_save({"inputs": pack_inputs(value)}, path)
+        kill_point("statistics")
         return value
 
 

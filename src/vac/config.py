@@ -182,7 +182,7 @@ class EvalConfig:
     """The held-out perplexity reported before and after a compression (``data=''``: none)."""
 
     data: str = _opt(DEFAULT_EVAL, "held-out text source ('' to skip)")
-    windows: int = _opt(40, "evaluation windows (the first N non-overlapping ones)", min=1)
+    windows: int = _opt(40, "evaluation windows (the first N non-overlapping ones)", min=1, option="--eval-windows")
 
     def __post_init__(self):
         _check_minimums(self)
@@ -193,7 +193,8 @@ def _check_minimums(cfg) -> None:
         low = f.metadata.get("min")
         value = getattr(cfg, f.name)
         if low is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise VacError(f"--{f.name.replace('_', '-')} must be an integer of at least {low}, got {value!r}")
+            option = f.metadata.get("option") or f"--{f.name.replace('_', '-')}"
+            raise VacError(f"{option} must be an integer of at least {low}, got {value!r}")
 
 
 _TYPES = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,)}

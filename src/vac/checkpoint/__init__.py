@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..atomic import atomic_dir
 from ..errors import VacError
 from ..models.families import FAMILIES, Family, arch_for, family_for
 from .hf import configuration_vac, modeling_vac
@@ -125,28 +122,6 @@ def as_vac_model(model):
     model.config = config
     model.__class__ = model_class
     return model
-
-
-@contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temp folder beside ``out``; on success it replaces ``out`` in one rename."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save(model, tokenizer, out, *, overwrite=False, dtype: torch.dtype | None = None, extra=None):

@@ -16,8 +16,19 @@ out = Console()
 err = Console(stderr=True)
 
 
+# per command: the options that lower its memory, named in the out-of-memory message
+MEMORY_HINTS = {
+    "compress": "--calib-windows, --fisher-windows or --seq-len (or --device cpu)",
+    "search": "--calib-windows, --fisher-windows, --seq-len or --workers",
+    "distill": "--batch-size (with --grad-accum), --seq-len or --top-k",
+    "eval": "--seq-len", "bench": "--prompt-len", "quantize": "--seq-len",
+}
+
+
 def friendly(fn):
-    """Turn VacError (and data errors) into a one-line message and exit code 2."""
+    """One ``error:`` line instead of a traceback: VacError (exit 2), Ctrl-C (exit 130, nothing
+    half-written: every output is renamed into place only when complete) and out-of-memory (exit 2,
+    naming the options that lower memory)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -26,8 +37,25 @@ def friendly(fn):
         except VacError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; no partial output was left (rerun the same command to resume)", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError as exc:  # torch.OutOfMemoryError (CUDA) is a RuntimeError, handled below
+            _out_of_memory(fn.__name__, exc)
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            _out_of_memory(fn.__name__, exc)
 
     return wrapper
+
+
+def _out_of_memory(command: str, exc: BaseException):
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    name = command.removesuffix("_cmd").replace("_", "-")
+    hint = MEMORY_HINTS.get(name, "the batch or sequence length")
+    typer.echo(f"error: out of memory in vac {name} ({first}); lower {hint}", err=True)
+    raise typer.Exit(2) from None
 
 
 def command_line() -> str:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from ..atomic import check_output
 from ..config import DEFAULT_CALIB, DEFAULT_EVAL
 from ..errors import VacError
 from .app import app, err, friendly, out
@@ -85,8 +86,8 @@ def distill(
     cfg.check()
     if not (student_dir / "config.json").is_file():
         raise VacError(f"no checkpoint folder at {student_dir} (no config.json)")
-    if out_dir.resolve() == student_dir.resolve():
-        raise VacError("--out must differ from the student folder")
+    check_output(out_dir, {"student": student_dir, "teacher": teacher, "training data": data,
+                           "chat data": chat_data, "teacher cache": teacher_cache, "evaluation data": eval_data})
     if chat_data is not None and not chat_data.is_file():
         raise VacError(f"no such chat file: {chat_data}")
     check_no_overlap(data, eval_data)

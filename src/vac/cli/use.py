@@ -170,6 +170,7 @@ class _ReplyView:
 def card(
     folder: Path = typer.Argument(..., help="vac checkpoint folder"),
     stdout: bool = typer.Option(False, "--stdout", help="print the card instead of writing README.md"),
+    overwrite: bool = typer.Option(False, help="replace a README.md that is not a vac card"),
 ):
     """Write FOLDER/README.md: a model card from measured numbers only (report/bench/quantize/lm_eval JSON)."""
     from ..deploy.card import build_card, write_card
@@ -177,7 +178,7 @@ def card(
     if stdout:
         sys.stdout.write(build_card(folder))
         return
-    path = write_card(folder)
+    path = write_card(folder, overwrite=overwrite)
     present = [n for n in ("report.json", "bench.json", "quantize.json", "lm_eval.json") if (folder / n).is_file()]
     out.print(f"wrote {path} (from {', '.join(present) or 'the files only'} and the sizes on disk)")
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import CompressConfig
 from ..errors import VacError
+from ..faults import kill_point
 from ..models.families import arch_for
 from ..models.layers import factorize_
 from .allocate import (
@@ -253,6 +254,7 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
             layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
         stats.inputs.update(layer_stats)
         factorize_layer(model, i, ranks, stats, cfg)
+        kill_point("sequential")
         for path in layer_stats:  # a factorized layer's statistics are not needed again
             stats.inputs.pop(path, None)
         valid = {b: h for b, h in compressed.items() if b <= i}

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import VacError
 from .calibrate import FisherStats, InputStats
 
 # defaults a method does not set itself: uniform ranks from dense statistics, FWSVD's √ of Fisher sums
@@ -65,7 +66,8 @@ def cholesky_adaptive(xtx: torch.Tensor) -> tuple[torch.Tensor, float]:
         factor, info = torch.linalg.cholesky_ex(xtx + ridge * scale * eye)
         if info.item() == 0 and factor.diagonal().min() > 0:
             return factor, ridge
-    raise RuntimeError("input covariance could not be factorized even with a large ridge")
+    raise VacError("the input covariance of a layer could not be factorized even with a large ridge "
+                   "(non-finite activations? check the model and the calibration text)")
 
 
 @dataclass

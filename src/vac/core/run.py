@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_output
 from ..config import CompressConfig, EvalConfig
 from ..errors import VacError
 from .driver import Result, check_budget
@@ -20,21 +21,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def check_output(out: Path, inputs: dict[str, str | None], overwrite: bool) -> None:
-    """Refuse an output folder that exists (without ``overwrite``), or that is, contains or lies
-    inside an input path."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    mine = out.resolve()
-    for role, path in inputs.items():
-        if not path or not Path(path).exists():
-            continue
-        theirs = Path(path).resolve()
-        if mine == theirs or theirs.is_relative_to(mine) or mine.is_relative_to(theirs):
-            raise VacError(f"--out {out} overlaps the {role} {path}; write the output somewhere else")
 
 
 def in_memory_compress(model, tokenizer, config: CompressConfig, *, calibration=None, source: str | None = None,
@@ -84,11 +70,10 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
     s, d = config.strategy, config.data
     if dtype not in DTYPES:
         raise VacError(f"--dtype must be {' or '.join(DTYPES)}, got {dtype}")
-    if evaluation.windows < 1:
-        raise VacError(f"--eval-windows must be at least 1, got {evaluation.windows}")
     out = Path(out)
-    check_output(out, {"model": model if Path(model).exists() else None, "calibration data": d.calib,
-                       "evaluation data": evaluation.data}, overwrite)
+    if out.exists() and not overwrite:
+        raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    check_output(out, {"model": model, "calibration data": d.calib, "evaluation data": evaluation.data})
     check_disjoint([("calibration", d.calib, "evaluation", evaluation.data, "--calib or --eval", "")])
     started = time.perf_counter()
     target = pick_device(device)

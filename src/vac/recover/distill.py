@@ -64,8 +64,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_write, write_json
+from ..cache import load_entry
 from ..checkpoint.hf.modeling_vac import LowRankLinear
 from ..errors import VacError
+from ..faults import kill_point
 from ..models.families import arch_for
 from .data import DataMix
 
@@ -174,8 +176,8 @@ class TopKCache:
         self.hits = self.misses = 0
         meta_path = self.root / "meta.json"
         meta = {"teacher": teacher_id, "k": k, "format": "values float16, indices int32, [seq_len-1, k]"}
-        if meta_path.is_file():
-            old = json.loads(meta_path.read_text())
+        old = load_entry(meta_path, lambda p: json.loads(p.read_text()))
+        if isinstance(old, dict):
             if (old.get("teacher"), old.get("k")) != (teacher_id, k):
                 raise VacError(f"teacher cache {self.root} holds teacher {old.get('teacher')} with k={old.get('k')}, "
                                f"not {teacher_id} with k={k}; use another folder")
@@ -200,8 +202,9 @@ class TopKCache:
         entries: list = [None] * len(paths)
         missing = []
         for i, path in enumerate(paths):
-            if path.is_file():
-                entries[i] = torch.load(path)
+            entry = load_entry(path, lambda p: torch.load(p, weights_only=True))
+            if _valid_entry(entry, ids.shape[1] - 1, self.k):
+                entries[i] = entry
                 self.hits += 1
             else:
                 missing.append(i)
@@ -220,6 +223,12 @@ class TopKCache:
         values = torch.stack([e[0] for e in entries]).float().to(device)
         indices = torch.stack([e[1] for e in entries]).long().to(device)
         return values, indices
+
+
+def _valid_entry(entry, positions: int, k: int) -> bool:
+    """A cached (values, indices) pair of the expected shapes (anything else is recomputed)."""
+    return (isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(t, torch.Tensor) for t in entry)
+            and tuple(entry[0].shape) == tuple(entry[1].shape) == (positions, k))
 
 
 # ============================================================================ parameter groups
@@ -445,7 +454,8 @@ def run_distill(
         raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
                        f"{cfg.grad_accum} micro-batches")
     resume_path = output_state(out, overwrite)  # every rank checks (the folder is shared)
-    state = torch.load(resume_path, weights_only=False) if resume_path else None
+    # a state that cannot be read is reported and the run starts over (states are written atomically)
+    state = load_entry(resume_path, lambda p: torch.load(p, weights_only=False)) if resume_path else None
     if state is not None:
         _check_same_run(state, cfg, run_info, out)
 
@@ -702,7 +712,7 @@ def _save_state(out: Path, model, optimizer, scheduler, env: Dist, meta: dict) -
         get_optimizer_state_dict,
     )
 
-    from ..checkpoint import atomic_dir
+    from ..atomic import atomic_dir
 
     options = _sd_options(cpu_offload=True) if env.on else _sd_options()
     model_sd = get_model_state_dict(model, options=options)
@@ -715,6 +725,7 @@ def _save_state(out: Path, model, optimizer, scheduler, env: Dist, meta: dict) -
         with atomic_dir(out / STATE_DIR, overwrite=True) as tmp:
             torch.save(state, tmp / "state.pt")
             (tmp / "progress.json").write_text(json.dumps({k: meta[k] for k in ("step", "position", "tokens")}))
+        kill_point("distill-state")
     env.barrier()
 
 

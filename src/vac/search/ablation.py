@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..atomic import atomic_write, write_json
+from ..atomic import atomic_write, check_output, write_json
+from ..cache import load_entry
 from ..config import CompressConfig, StrategyConfig, attn_ratio_of
 from ..core.allocate import matrices_of, reached_ratios
 from ..core.driver import check_budget
@@ -51,13 +52,12 @@ def run_ablation(setup: SearchSetup, out: Path | str, progress: bool = True,
 
     check_sources(setup.calib, setup.search_data, setup.eval_data)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, setup.inputs())
     path = out / "ablation.json"
     doc = {"setup": setup.to_json(), "results": {}}
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous.get("setup") == doc["setup"]:
-            doc = previous
+    previous = load_entry(path, lambda p: json.loads(p.read_text()))
+    if isinstance(previous, dict) and previous.get("setup") == doc["setup"] and "results" in previous:
+        doc = previous
     model, tok = load_model(setup.model)
     if tok is None:
         raise VacError(f"{setup.model} has no tokenizer")

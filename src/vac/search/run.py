@@ -53,12 +53,13 @@ from typing import Callable
 
 import torch
 
-from ..atomic import atomic_write, write_json
+from ..atomic import atomic_write, check_output, write_json
 from ..config import DataConfig, StrategyConfig
 from ..core.driver import check_budget, sequential_passes
 from ..core.evaluate import perplexity
 from ..data.windows import eval_windows, sample_windows
 from ..errors import VacError
+from ..faults import kill_point
 from ..models.families import arch_for
 from ..models.zoo import resolve_model
 from .scoring import (
@@ -285,6 +286,7 @@ class _Run:
             state["rng"] = _rng_state(rng)
             state["generation"] = gen + 1
             self.save()
+            kill_point("search-generation")
             self.log(f"generation {gen + 1}/{generations}: best {min(scores):.3f}, median "
                      f"{stats_mod.median(scores):.3f} ({new} scored, {time.perf_counter() - t0:.0f} s, "
                      f"{self.elapsed() / 60:.1f} min in all)")
@@ -375,7 +377,7 @@ def run_search(setup: SearchSetup, out: Path | str, generations: int = 10, budge
     if budget_minutes is not None and not budget_minutes > 0:
         raise VacError(f"--budget-minutes must be positive, got {budget_minutes:g}")
     check_sources(setup.calib, setup.search_data, setup.eval_data)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    check_output(out, setup.inputs())
     return _Run(setup, Path(out), workers, progress, log).run(generations, budget_minutes)
 
 

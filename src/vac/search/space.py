@@ -283,6 +283,11 @@ class SearchSetup:
         """The calibration data every genome shares."""
         return DataConfig(**{name: getattr(self, name) for name in DATA_FIELDS})
 
+    def inputs(self) -> dict:
+        """What a search reads, by role (its output folder must overlap none of them)."""
+        return {"model": self.model, "calibration data": self.calib, "search data": self.search_data,
+                "evaluation data": self.eval_data}
+
     def grid(self) -> dict:
         return {"rank_step": self.rank_step, "rank_floor": self.rank_floor}
 
