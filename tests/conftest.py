@@ -83,3 +83,15 @@ def tiny_folder(tmp_path):
     (tmp_path / "calib.txt").write_text(word_text(3000, seed=1))
     (tmp_path / "eval.txt").write_text(word_text(1500, seed=2))
     return folder
+
+
+def folder_weights(folder):
+    """Every tensor of a checkpoint folder, whatever its sharding (one file or one shard per layer)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

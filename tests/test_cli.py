@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import folder_weights, tiny_llama
 from typer.testing import CliRunner
 
 from vac.cli import app
@@ -61,8 +61,6 @@ def test_compress_writes_a_loadable_checkpoint_and_report(tiny_folder, tmp_path,
 
 
 def test_compress_reuses_cached_statistics(tiny_folder, tmp_path):
-    from safetensors.torch import load_file
-
     outs = [tmp_path / f"out{i}" for i in range(3)]
     codes, errs = [], []
     for out, extra in zip(outs, ([], [], ["--no-stats-cache"])):
@@ -71,7 +69,7 @@ def test_compress_reuses_cached_statistics(tiny_folder, tmp_path):
         errs.append(err)
     assert codes == [0, 0, 0], errs
     assert ["dense statistics from" in e for e in errs] == [False, True, False]
-    first, cached, fresh = (load_file(out / "model.safetensors") for out in outs)
+    first, cached, fresh = (folder_weights(out) for out in outs)
     assert first.keys() == cached.keys() == fresh.keys()
     assert all(torch.equal(first[k], cached[k]) and torch.equal(first[k], fresh[k]) for k in first)
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer, word_text
-from safetensors.torch import load_file
+from conftest import folder_weights, tiny_llama, tiny_tokenizer, word_text
 from typer.testing import CliRunner
 
 from vac.cli import app
@@ -225,7 +224,7 @@ def test_corrupt_cache_entry_is_reported_and_recomputed(inputs, tmp_path, monkey
     again = compress_once(inputs, tmp_path / "b")
     warnings = [ln for ln in again.stderr.splitlines() if ln.startswith("warning: ignoring unreadable cache entry")]
     assert len(warnings) >= len(entries)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = folder_weights(tmp_path / "a"), folder_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     report = [json.loads((tmp_path / d / "report.json").read_text()) for d in "ab"]
     assert report[0]["ppl_after"] == report[1]["ppl_after"]
@@ -259,7 +258,7 @@ def cli(args: list[str], home: Path, kill_at: str | None = None) -> subprocess.C
 
 
 def same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    wa, wb = folder_weights(a), folder_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

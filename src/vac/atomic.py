@@ -83,7 +83,7 @@ def _umask() -> int:
     return mask
 
 
-def _ordinary_permissions(root: Path) -> None:
+def ordinary_permissions(root: Path) -> None:
     """The umask's modes on a finished folder: mkdtemp makes it 0700, and some writers (safetensors via
     transformers) leave 0600 files."""
     mask = _umask()
@@ -106,18 +106,29 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        _ordinary_permissions(tmp)
+        ordinary_permissions(tmp)
         kill_point("save")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Rename the finished folder ``tmp`` to ``out`` (an existing ``out`` is moved aside first, then
+    removed, when ``overwrite``)."""
+    from .errors import VacError
+
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        if not overwrite:
+            raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:

@@ -55,7 +55,9 @@ def compress(
     out_dir: Path = typer.Option(..., "--out", help="checkpoint folder to write"),
     eval_data: str = typer.Option(EvalConfig.data, "--eval", help="held-out text source ('' to skip)"),
     eval_windows: int = typer.Option(EvalConfig.windows, help="evaluation windows"),
-    dtype: str = typer.Option("fp32", help="storage dtype of the checkpoint: fp32 | bf16"),
+    dtype: Optional[str] = typer.Option(None, help="storage dtype of the checkpoint: fp32 | bf16 [default: the source's]"),
+    stream: bool = typer.Option(True, "--stream/--in-memory", help="compress one decoder layer at a time (memory of "
+                                "one layer; resumable) or load the whole model"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda[:N] for the whole compression [default: cuda when available]"),
     stats_cache: bool = typer.Option(True, "--stats-cache/--no-stats-cache",
                                      help="reuse the dense statistics of an earlier run (cached under $VAC_HOME/stats)"),
@@ -73,7 +75,7 @@ def compress(
         strategy = load_strategy(strategy_file)
     report = compress_model(
         model, out_dir, CompressConfig(strategy, data), evaluation=EvalConfig(eval_data, eval_windows), dtype=dtype,
-        device=device, stats_cache=stats_cache, overwrite=overwrite, command=command_line(), log=log,
+        device=device, stats_cache=stats_cache, overwrite=overwrite, command=command_line(), stream=stream, log=log,
     )
     s = CompressConfig(strategy, data).resolved().strategy
     err.print(rank_table(*report.pop("rank_rows")))

@@ -38,13 +38,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
 
 
 def measured_ppl(model, tokenizer, source: str, data: str, seq_len: int, windows: int | None,
-                 cache: bool = False, progress: bool = True) -> dict:
+                 cache: bool = False, progress: bool = True, score=None) -> dict:
     """:func:`perplexity` on the first ``windows`` windows of ``data`` (the protocol above), plus
-    ``data``; with ``cache``, results for unchanged model folders are kept under ``$VAC_HOME/ppl``."""
+    ``data``; with ``cache``, results for unchanged model folders are kept under ``$VAC_HOME/ppl``.
+    ``score(windows)`` replaces ``perplexity(model, windows)`` (e.g. the layer-streamed one, which
+    computes in fp32 like the loaded model)."""
     from ..cache import cache_dir, cache_key, cached_json
     from ..data.windows import eval_windows
 
-    key = cache_key(source, data, seq_len, windows, str(model.dtype)) if cache else None
+    dtype = str(model.dtype) if model is not None else str(torch.float32)
+    key = cache_key(source, data, seq_len, windows, dtype) if cache else None
     path = cache_dir() / "ppl" / f"{key}.json" if key else None
-    return cached_json(path, lambda: perplexity(model, eval_windows(tokenizer, data, seq_len, windows),
-                                                progress=progress) | {"data": data})
+    score = score or (lambda w: perplexity(model, w, progress=progress))
+    return cached_json(path, lambda: score(eval_windows(tokenizer, data, seq_len, windows)) | {"data": data})

@@ -53,67 +53,178 @@ def in_memory_compress(model, tokenizer, config: CompressConfig, *, calibration=
 
 
 def compress_model(model: str, out: str | Path, config: CompressConfig | None = None, *,
-                   evaluation: EvalConfig = EvalConfig(), dtype: str = "fp32", device: str | None = None,
+                   evaluation: EvalConfig = EvalConfig(), dtype: str | None = None, device: str | None = None,
                    stats_cache: bool = True, overwrite: bool = False, command: str | None = None,
-                   progress: bool = True, log=None) -> dict:
+                   stream: bool = True, progress: bool = True, log=None) -> dict:
     """The whole ``vac compress`` job: compress ``model`` (embedded name, folder or hub id) and save
-    the checkpoint at ``out`` with ``report.json`` and ``ranks.png``; returns the report."""
-    from .. import checkpoint
+    the checkpoint at ``out`` with ``report.json`` and ``ranks.png``; returns the report.
+
+    A local safetensors folder is compressed layer by layer (:mod:`vac.core.stream`: memory bounded
+    by one decoder layer, resumable); ``stream=False``, hub ids and the settings that stream cannot
+    serve (``--correct``, non-monotone sequential orders) load the whole model (:mod:`vac.core.driver`).
+    ``dtype``: storage dtype of the checkpoint, ``fp32`` | ``bf16`` (default: the source's)."""
     from ..data.specs import check_disjoint
-    from ..models.families import arch_for
-    from ..models.zoo import load_model, pick_device, resolve_model
-    from .allocate import reached_ratios
-    from .evaluate import measured_ppl
-    from .report import heatmap, rank_grid
+    from ..models.zoo import pick_device, resolve_model
+    from .stream import streamable
 
     config = (config or CompressConfig()).resolved()
-    s, d = config.strategy, config.data
-    if dtype not in DTYPES:
+    d = config.data
+    if dtype is not None and dtype not in DTYPES:
         raise VacError(f"--dtype must be {' or '.join(DTYPES)}, got {dtype}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
     check_output(out, {"model": model, "calibration data": d.calib, "evaluation data": evaluation.data})
     check_disjoint([("calibration", d.calib, "evaluation", evaluation.data, "--calib or --eval", "")])
-    started = time.perf_counter()
+    job = _Job(model, out, config, evaluation, dtype, command, progress, log, time.perf_counter())
     target = pick_device(device)
     source = resolve_model(model)
-    net, tok = load_model(model)
-    if tok is None:
-        raise VacError(f"{model} has no tokenizer")
-    net.to(target)
-    arch = arch_for(net)
-    check_budget(net, config)
-    ev = evaluation
+    why = streamable(config) if stream else "stream=False"
+    if why is None and not Path(source, "config.json").is_file():
+        why = "a model that is not a local folder"
+    if why is None:
+        return job.streamed(source, target, stats_cache)
+    if log and stream:
+        log(f"compressing in memory (the whole model is loaded): streaming does not serve {why}")
+    return job.in_memory(source, target, stats_cache)
 
-    before = measured_ppl(net, tok, source, ev.data, d.seq_len, ev.windows, cache=True,
-                          progress=progress) if ev.data else None
-    shapes = {n: tuple(m.weight.shape) for n, m in net.named_modules() if hasattr(m, "weight")
-              and m.weight is not None and m.weight.dim() == 2}
-    result = in_memory_compress(net, tok, config, source=source if stats_cache else None, progress=progress,
-                                log=log, device=target, checked=True)
-    after = measured_ppl(net, tok, source, ev.data, d.seq_len, ev.windows, progress=progress) if ev.data else None
-    n_layers = len(net.get_submodule(arch.layers))
-    kinds, rows = rank_grid(arch, n_layers, result.ranks, shapes)
-    comp = reached_ratios(matrices_of_shapes(arch, n_layers, shapes), arch, result.ranks)
-    report = {
-        "model": model, "config": s.to_dict(), "data": d.to_dict(),
-        "decoder_linear_params": {"before": result.params_before, "after": result.params_after},
-        "ratio_reached": result.ratio, "component_ratio": comp,
-        "model_params_after": sum(p.numel() for p in net.parameters()),
-        "ppl_before": before, "ppl_after": after,
-        "protocol": f"{ev.windows} non-overlapping windows of {d.seq_len} tokens of {ev.data}, "
-                    "all shifted tokens scored, use_cache=False",
-        "seconds": {**result.seconds, "total": time.perf_counter() - started},
-        "peak_rss_mb": peak_rss_mb(), "device": str(target), "ranks": result.ranks,
-        "dtype": dtype, "command": command,
-    }
-    png = heatmap(kinds, rows, f"{model} {s.method} {result.ratio:.2f}x")
-    net.to("cpu")
-    checkpoint.save(net, tok, out, overwrite=overwrite, dtype=DTYPES[dtype],
-                    extra={"report.json": report, "ranks.png": png})
-    report["rank_rows"] = (kinds, rows)  # for the caller's rank table; not saved
-    return report
+
+class _Job:
+    """One ``compress_model`` call: the two ways of running it share the report."""
+
+    def __init__(self, model, out, config, evaluation, dtype, command, progress, log, started):
+        self.model, self.out, self.config, self.ev, self.dtype = model, out, config, evaluation, dtype
+        self.command, self.progress, self.log, self.started = command, progress, log, started
+
+    def streamed(self, source: str, target, stats_cache: bool) -> dict:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..data.windows import sample_windows
+        from .evaluate import measured_ppl
+        from .stream import skeleton, stream_compress, stream_perplexity
+
+        d, ev = self.config.data, self.ev
+        tok = AutoTokenizer.from_pretrained(source) if _has_tokenizer(source) else None
+        if tok is None:
+            raise VacError(f"{self.model} has no tokenizer")
+        if AutoConfig.from_pretrained(source).model_type.startswith("vac_"):
+            raise VacError(f"{self.model} is already a vac checkpoint; compress its dense source model")
+        net, reader = skeleton(source, "meta", load=False)  # shapes only: no tensor is read
+        check_budget(net, self.config)
+        dtype = DTYPES[self.dtype] if self.dtype else reader.dtype()
+        windows = sample_windows(tok, d.calib, d.seq_len, d.calib_windows, d.seed)
+        before = measured_ppl(None, tok, source, ev.data, d.seq_len, ev.windows, cache=True, progress=self.progress,
+                              score=lambda w: stream_perplexity(source, w, target, self.progress)) if ev.data else None
+        shapes = {p: reader.shape(f"{p}.weight") for p in _linears(net)}
+        report = {}
+
+        def finish(folder, result):
+            after = measured_ppl(None, tok, str(folder), ev.data, d.seq_len, ev.windows, progress=self.progress,
+                                 score=lambda w: stream_perplexity(folder, w, target, self.progress)) if ev.data else None
+            params = sum(_numel(t.get_shape()) for t in _slices(folder))
+            report.update(self.report(net, result, shapes, before, after, params, target, dtype, streamed=True))
+            return {"report.json": self._saved(report), "ranks.png": self.png(result)}
+
+        stream_compress(source, tok, self.config, windows, self.out, dtype=dtype, device=target,
+                                 overwrite=True, finish=finish, stats_cache=stats_cache, progress=self.progress,
+                                 log=self.log)
+        report["seconds"]["total"] = time.perf_counter() - self.started
+        return report | {"rank_rows": self.rank_rows}
+
+    def in_memory(self, source: str, target, stats_cache: bool) -> dict:
+        from .. import checkpoint
+        from ..models.zoo import load_model
+        from .evaluate import measured_ppl
+
+        d, ev = self.config.data, self.ev
+        net, tok = load_model(self.model)
+        if tok is None:
+            raise VacError(f"{self.model} has no tokenizer")
+        dtype = DTYPES[self.dtype] if self.dtype else _source_dtype(source)
+        net.to(target)
+        check_budget(net, self.config)
+        before = measured_ppl(net, tok, source, ev.data, d.seq_len, ev.windows, cache=True,
+                              progress=self.progress) if ev.data else None
+        shapes = {p: tuple(net.get_submodule(p).weight.shape) for p in _linears(net)}
+        result = in_memory_compress(net, tok, self.config, source=source if stats_cache else None,
+                                    progress=self.progress, log=self.log, device=target, checked=True)
+        after = measured_ppl(net, tok, source, ev.data, d.seq_len, ev.windows, progress=self.progress) if ev.data else None
+        report = self.report(net, result, shapes, before, after, sum(p.numel() for p in net.parameters()), target,
+                             dtype, streamed=False)
+        png = self.png(result)
+        net.to("cpu")
+        checkpoint.save(net, tok, self.out, overwrite=True, dtype=dtype,
+                        extra={"report.json": self._saved(report), "ranks.png": png})
+        return report | {"rank_rows": self.rank_rows}
+
+    def report(self, net, result, shapes, before, after, params_after, target, dtype, streamed: bool) -> dict:
+        from ..models.families import arch_for
+        from .allocate import reached_ratios
+        from .report import rank_grid
+
+        s, d, ev = self.config.strategy, self.config.data, self.ev
+        arch = arch_for(net)
+        n_layers = len(net.get_submodule(arch.layers))
+        self.rank_rows = rank_grid(arch, n_layers, result.ranks, shapes)
+        comp = reached_ratios(matrices_of_shapes(arch, n_layers, shapes), arch, result.ranks)
+        return {
+            "model": self.model, "config": s.to_dict(), "data": d.to_dict(),
+            "decoder_linear_params": {"before": result.params_before, "after": result.params_after},
+            "ratio_reached": result.ratio, "component_ratio": comp, "model_params_after": params_after,
+            "ppl_before": before, "ppl_after": after,
+            "protocol": f"{ev.windows} non-overlapping windows of {d.seq_len} tokens of {ev.data}, "
+                        "all shifted tokens scored, use_cache=False",
+            "seconds": {**result.seconds, "total": time.perf_counter() - self.started},
+            "peak_rss_mb": peak_rss_mb(), "device": str(target), "ranks": result.ranks,
+            "dtype": str(dtype).removeprefix("torch."), "streamed": streamed, "command": self.command,
+        }
+
+    def png(self, result) -> bytes:
+        from .report import heatmap
+
+        kinds, rows = self.rank_rows
+        return heatmap(kinds, rows, f"{self.model} {self.config.strategy.method} {result.ratio:.2f}x")
+
+    @staticmethod
+    def _saved(report: dict) -> dict:
+        return {k: v for k, v in report.items() if k != "rank_rows"}
+
+
+def _linears(net) -> list[str]:
+    from ..models.families import arch_for
+
+    arch = arch_for(net)
+    return arch.decoder_linears(len(net.get_submodule(arch.layers)))
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(Path(folder, f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _source_dtype(source: str) -> torch.dtype:
+    """The storage dtype of a model folder's weights (fp32 for anything else)."""
+    from .stream import ShardReader
+
+    try:
+        return ShardReader(source).dtype()
+    except VacError:
+        return torch.float32
+
+
+def _slices(folder):
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                yield sf.get_slice(k)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def matrices_of_shapes(arch, n_layers: int, shapes: dict) -> list:

@@ -1,0 +1,123 @@
+"""Scale benchmark: peak memory and time of `vac compress` on OLMo-3-7B-shaped random checkpoints.
+
+Random bf16 checkpoints with OLMo-3-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocab 100278) and
+a few decoder layers are written shard by shard (never a whole model in memory), then compressed at
+1.8x by `vac compress` in a subprocess under `/usr/bin/time -v`, streamed (the default) and in memory
+(`--in-memory`, the code before layer streaming), with reduced calibration (8 windows × 256 tokens, 2
+Fisher windows). Records peak RSS, wall time, time per layer and disk use →
+results/scale.json; the README's table is built from that file. Resumable: finished runs are kept.
+
+    .venv/bin/python benchmarks/scale.py --layers 2 4 8 --modes streamed in-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vac.atomic import write_json
+from vac.cache import cache_dir
+
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+              vocab_size=100278, max_position_embeddings=4096)
+
+
+def build(folder: Path, layers: int) -> Path:
+    """A random OLMo-3-shaped bf16 checkpoint, one safetensors shard per layer, and a tokenizer."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from conftest import tiny_tokenizer
+
+    config = Olmo3Config(**SHAPES, num_hidden_layers=layers, tie_word_embeddings=False, dtype="bfloat16",
+                         layer_types=["full_attention"] * layers, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    with init_empty_weights():
+        model = Olmo3ForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        shard = f"model-{name.split('.')[2]}.safetensors" if name.startswith("model.layers.") else "model-rest.safetensors"
+        groups.setdefault(shard, {})[name] = p
+    for shard, params in groups.items():
+        tensors = {}
+        for name, p in params.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            weight_map[name] = shard
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        del tensors
+    total = sum((folder / s).stat().st_size for s in groups)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run(source: Path, out: Path, calib: Path, mode: str) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "vac.cli", "compress", str(source), "--out", str(out),
+           "--overwrite", "--ratio", "1.8", "--calib", str(calib), "--calib-windows", "8", "--seq-len", "256",
+           "--fisher-windows", "2", "--eval", "", "--no-stats-cache"] + (["--in-memory"] if mode == "in-memory" else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    row = {"mode": mode, "returncode": proc.returncode, "wall_s": wall,
+           "peak_rss_gib": int(rss.group(1)) / 2**20 if rss else None, "command": " ".join(cmd[2:])}
+    if proc.returncode == 0:
+        report = json.loads((out / "report.json").read_text())
+        row |= {"seconds": report["seconds"], "ratio_reached": report["ratio_reached"],
+                "out_disk_gib": sum(f.stat().st_size for f in out.iterdir()) / 2**30}
+    else:
+        row["error"] = proc.stderr.strip().splitlines()[-1:]
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--modes", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
+    ap.add_argument("--work", type=Path, default=cache_dir() / "bench" / "scale")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from conftest import word_text
+
+    calib = args.work / "calib.txt"
+    if not calib.is_file():
+        calib.parent.mkdir(parents=True, exist_ok=True)
+        calib.write_text(word_text(8 * 256 * 2, seed=1))
+    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"shapes": SHAPES, "runs": {}}
+    for layers in args.layers:
+        source = build(args.work / f"olmo3-7b-shape-{layers}L", layers)
+        source_gib = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2**30
+        for mode in args.modes:
+            key = f"{layers}L-{mode}"
+            if key in doc["runs"]:
+                continue
+            row = run(source, args.work / f"out-{layers}L-{mode}", calib, mode)
+            row |= {"layers": layers, "source_disk_gib": source_gib}
+            if row.get("seconds"):
+                row["factorization_s_per_layer"] = row["seconds"].get("factorization", 0) / layers
+            print(json.dumps(row), flush=True)
+            doc["runs"][key] = row
+            write_json(RESULTS, doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+"""Layer-streamed compression: memory bounded by one decoder layer, not by the model.
+
+The shape of llm-compressor's sequential pipeline. The model is built with empty (meta) parameters
+(``accelerate.init_empty_weights``; buffers such as rotary frequencies stay real); embeddings, final
+norm and head are loaded; each decoder layer is read from the safetensors shards (memory-mapped
+``safe_open``) onto the compute device when a pass reaches it, upcast to fp32 for the math, and
+released (back to meta) when the pass moves on. Passes, each over the layers in order:
+
+A. **Fisher** (methods that use it): a forward over the Fisher windows keeps each window's hidden
+   state at every layer boundary (on the host); a backward, layers outer and windows inner, recomputes
+   each layer from its saved input and accumulates the diagonal Fisher row/column sums. Each layer is
+   loaded twice. The layer's input statistics are gathered in the same recompute, so its allocation
+   curves are computed as soon as its Fisher sums are complete, and its XᵀX is freed.
+B. **Curves** (allocations that need them, when A did not produce them): a forward pass computes one
+   layer's input statistics, turns them into that layer's curves, frees them.
+C. **Allocation**: the knapsack over the curves (megabytes).
+D. **Factorization**, front to back: the calibration windows pass the layers in turn; each layer's
+   statistics come from inputs that passed the compressed layers below it (sequential) or the dense
+   ones; the factorized layer is written to its own shard at once and the windows pass it as stored.
+
+Everything a pass produces is kept in a work folder beside the output (``.OUT.partial``): the analysis
+(Fisher sums, curves, ranks) and one shard per finished layer. A killed run rerun with the same
+settings resumes at the next unfinished layer and ends with the same checkpoint; the folder is renamed
+into place only when complete. The numbers equal the in-memory path (:mod:`vac.core.driver`): same
+windows, batches, accumulation order and fp64 statistics.
+
+Memory at OLMo-3-7B shapes (hidden 4096, MLP 11008, vocab 100278, 32 layers), from this code: fp32
+embeddings + head 3.3 GB; one layer in fp32 0.81 GB (two during a layer swap); one layer's fp64 input
+statistics 1.37 GB; the SVD of the largest matrix (11008 × 4096, fp64) about 1.1 GB; hidden states of
+64 windows × 512 tokens at one boundary 0.54 GB (in and out); pass A keeps 16 windows × 512 tokens
+at all 33 boundaries on the host, 4.4 GB. Peak about 8 GB of device memory and 13 GB of host memory,
+for any number of layers; see docs/scale.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import ordinary_permissions, remove_stale, replace_dir, torch_save, write_json
+from ..config import CompressConfig
+from ..errors import VacError
+from ..faults import kill_point
+from ..models.families import arch_for
+from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
+from .calibrate import FisherStats, InputStats, LayerStream, window_loss
+from .driver import Result
+from .methods import decompose, strategy_weighting, tail_energy
+
+WORK_FORMAT = "vac-stream/1"
+
+
+# ----------------------------------------------------------------------------- reading the shards
+
+
+class ShardReader:
+    """The tensors of a safetensors model folder by name (one or several shards). Each read maps the
+    shard, copies the tensor out and unmaps it again, so the source's pages do not accumulate in this
+    process's resident memory as the layers go by."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(self.folder / "model.safetensors", framework="pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise VacError(f"{self.folder} holds no safetensors weights (streamed compression reads safetensors)")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors, each shard opened once."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for file, members in by_file.items():
+            with safe_open(self.folder / file, framework="pt") as f:
+                for name in members:
+                    out[name] = f.get_tensor(name).clone()
+        return out
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the floating-point weights."""
+        for name in self.weight_map:
+            t = self.get(name)
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+
+def bounded_heap() -> bool:
+    """Make glibc return freed large blocks to the system (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``).
+
+    By default glibc raises its mmap threshold each time a large block is freed, so the per-layer
+    statistics and SVD workspaces of later layers come from a heap that never shrinks, and resident
+    memory grows with the number of layers although nothing is kept (docs/scale.md). A fixed
+    threshold keeps every block of a megabyte or more in its own mapping. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _set(model, name: str, value: torch.Tensor, device) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, device, value=value)
+
+
+def skeleton(folder: str | os.PathLike, device, load: bool = True):
+    """``(model, reader)``: the model of ``folder`` with every parameter on meta except those outside
+    the decoder layers, which are loaded in fp32 on ``device`` (``load=False``: none, for shapes)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = ShardReader(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if not load:
+        return model.eval(), reader
+    arch = arch_for(model)
+    prefix = arch.layers + "."
+    present = set(reader.names())
+    for name, _ in list(model.named_parameters()):
+        if name.startswith(prefix):
+            continue
+        if name not in present:
+            if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+                continue  # tied: set below
+            raise VacError(f"{folder} is missing tensor {name}")
+        _set(model, name, reader.get(name).float(), device)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in present:
+        model.get_submodule(arch.head).weight = model.get_submodule(arch.embed).weight
+    for name, buf in list(model.named_buffers()):
+        if not name.startswith(prefix) and buf.device.type != "meta":
+            _set(model, name, buf.to(device), device)
+    model.requires_grad_(False)  # the Fisher pass turns on the weights it needs, one layer at a time
+    return model.eval(), reader
+
+
+class Layers:
+    """Loads decoder layer ``i`` from the shards (fp32 on the device) and releases it again."""
+
+    def __init__(self, model, reader: ShardReader, device):
+        self.model, self.reader, self.device = model, reader, device
+        self.arch = arch_for(model)
+        self.stream = LayerStream(model, self.arch)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def load(self, i: int, reader: ShardReader | None = None):
+        reader = reader or self.reader
+        prefix = f"{self.arch.layer_path(i)}."
+        layer = self.stream.layers[i]
+        names = [prefix + name for name, _ in layer.named_parameters()]
+        for name, tensor in reader.get_many(names).items():
+            _set(self.model, name, tensor.float(), self.device)
+        for name, buf in list(layer.named_buffers()):
+            if buf.device.type != "meta":
+                _set(self.model, prefix + name, buf.to(self.device), self.device)
+        return layer
+
+    def release(self, i: int) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer = self.stream.layers[i]
+        for name, _ in list(layer.named_parameters()):
+            set_module_tensor_to_device(self.model, f"{self.arch.layer_path(i)}.{name}", "meta")
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+@dataclass
+class Analysis:
+    """What passes A–C leave: Fisher sums, allocation curves, the rank map."""
+
+    fisher: dict[str, FisherStats] = field(default_factory=dict)
+    curves: dict[str, torch.Tensor] = field(default_factory=dict)
+    ranks: dict[str, int] | None = None
+
+    def pack(self) -> dict:
+        from ..cache import pack_fisher
+
+        return {"fisher": pack_fisher(self.fisher), "curves": self.curves, "ranks": self.ranks}
+
+    @classmethod
+    def unpack(cls, d: dict) -> "Analysis":
+        from ..cache import unpack_fisher
+
+        return cls(unpack_fisher(d["fisher"]), d["curves"], d["ranks"])
+
+
+def _group_hooks(layers: Layers, i: int, stats: dict[str, InputStats]) -> list:
+    """Pre-hooks that add the input of each group of linears of layer ``i`` to ``stats``."""
+    arch, layer, handles = layers.arch, layers.stream.layers[i], []
+    for group in arch.groups:
+        first = layer.get_submodule(group[0])
+        shared = InputStats.empty(first.in_features, layers.device)
+        for name in group:
+            stats[f"{arch.layer_path(i)}.{name}"] = shared
+        handles.append(first.register_forward_pre_hook(lambda _m, args, s=shared: s.add(args[0])))
+    return handles
+
+
+@torch.no_grad()
+def _layer_curves(layers: Layers, i: int, analysis: Analysis, inputs: dict, strategy) -> None:
+    """The allocation curves of layer ``i`` (loaded) from its statistics (as driver.allocation_curves)."""
+    arch = layers.arch
+    for name in arch.linears:
+        path = f"{arch.layer_path(i)}.{name}"
+        w = strategy_weighting(strategy, inputs.get(path), analysis.fisher.get(path))
+        sv = torch.linalg.svdvals(w.apply(layers.model.get_submodule(path).weight))
+        analysis.curves[path] = tail_energy(sv).cpu() * (strategy.type_weights or {}).get(arch.kind(path), 1.0)
+
+
+def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strategy, curves: bool, progress: bool):
+    """Pass A: diagonal Fisher of every decoder linear, layers outer and windows inner (see
+    ``calibrate.fisher_stats`` for the per-window computation it reproduces); with ``curves``, each
+    layer's curves from the input statistics of the same recompute."""
+    stream, arch, n = layers.stream, layers.arch, len(layers)
+    ws = list(windows.split(1))
+    with torch.no_grad():
+        hidden = [[stream.embed(w) for w in ws]]
+        for i in tqdm(range(n), desc="fisher forward", unit="layer", disable=not progress):
+            layers.load(i)
+            hidden.append([stream.layer(i, h, w).cpu() for h, w in zip(hidden[-1], ws)])
+            hidden[-2] = [h.cpu() for h in hidden[-2]]
+            layers.release(i)
+    grads = []
+    for h, w in zip(hidden[-1], ws):
+        top = h.to(layers.device).requires_grad_(True)
+        window_loss(stream.head(top), w).backward()
+        grads.append(top.grad)
+    hidden.pop()
+    for i in tqdm(reversed(range(n)), total=n, desc="fisher backward", unit="layer", disable=not progress):
+        layer = layers.load(i)
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        linears = {f"{arch.layer_path(i)}.{name}": layer.get_submodule(name) for name in arch.linears}
+        for path, m in linears.items():
+            m.weight.requires_grad_(True)
+            analysis.fisher[path] = FisherStats(
+                torch.zeros(m.out_features, dtype=torch.float64, device=layers.device),
+                torch.zeros(m.in_features, dtype=torch.float64, device=layers.device))
+        inputs: dict = {}
+        handles = _group_hooks(layers, i, inputs) if curves and strategy.needs_inputs else []
+        try:
+            for j, w in enumerate(ws):
+                x = hidden[i][j].to(layers.device).requires_grad_(True)
+                stream.layer(i, x, w).backward(grads[j])
+                grads[j] = x.grad
+                for path, m in linears.items():
+                    g2 = m.weight.grad.double().square()
+                    f = analysis.fisher[path]
+                    f.row += g2.sum(1)
+                    f.col += g2.sum(0)
+                    f.windows += 1
+                    m.weight.grad = None
+        finally:
+            for handle in handles:
+                handle.remove()
+        hidden.pop()
+        if curves:
+            _layer_curves(layers, i, analysis, inputs, strategy)
+        layers.release(i)
+
+
+@torch.no_grad()
+def curve_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strategy, batch_size: int, progress: bool):
+    """Pass B: each layer's input statistics over ``windows`` (dense inputs), its curves, then freed."""
+    stream = layers.stream
+    batches = list(windows.split(batch_size))
+    hidden = [stream.embed(b) for b in batches]
+    for i in tqdm(range(len(layers)), desc="allocation curves", unit="layer", disable=not progress):
+        layers.load(i)
+        inputs: dict = {}
+        handles = _group_hooks(layers, i, inputs) if strategy.needs_inputs else []
+        try:
+            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        _layer_curves(layers, i, analysis, inputs, strategy)
+        layers.release(i)
+
+
+# ----------------------------------------------------------------------------- the whole job
+
+
+def streamable(cfg: CompressConfig) -> str | None:
+    """Why ``cfg`` needs the in-memory path (None: it streams)."""
+    s = cfg.strategy.resolved()
+    if s.correct:
+        return "--correct"
+    if s.sequential and s.order != "front-to-back" and (isinstance(s.order, str) or list(s.order) != sorted(s.order)):
+        return f"a sequential order other than front-to-back ({s.order})"
+    return None
+
+
+def _key(source: Path, cfg: CompressConfig, dtype: torch.dtype, windows: torch.Tensor) -> str:
+    from ..cache import cache_key
+
+    return cache_key(str(source), WORK_FORMAT, cfg.to_dict(), str(dtype),
+                     hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()) or ""
+
+
+def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, windows: torch.Tensor,
+                    out: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
+                    overwrite: bool = False, finish=None, stats_cache: bool = True, progress: bool = True,
+                    log=None) -> Result:
+    """Compress the model folder ``source`` into the checkpoint folder ``out``, one layer at a time.
+
+    ``dtype``: storage dtype of the checkpoint (default: the source's). ``stats_cache``: reuse the
+    Fisher sums and curves of an earlier run on the same model and windows (``$VAC_HOME/stats``,
+    whatever the ratio or allocation). ``finish(folder, result)``
+    may return more files (name → JSON dict, bytes or text, e.g. ``report.json``) once the checkpoint
+    is complete in its work folder (it can be loaded and measured there) and before it is renamed."""
+    cfg = cfg.resolved()
+    s, d = cfg.strategy, cfg.data
+    if why := streamable(cfg):
+        raise VacError(f"streamed compression does not support {why}")
+    source, out = Path(source), Path(out)
+    clock, started = {}, time.perf_counter()
+    bounded_heap()
+    model, reader = skeleton(source, device)
+    if model.config.model_type.startswith("vac_"):
+        raise VacError(f"{source} is already a vac checkpoint; compress its dense source model")
+    dtype = dtype or reader.dtype()
+    layers = Layers(model, reader, device)
+    arch, n = layers.arch, len(layers)
+    matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
+    work = out.with_name(f".{out.name}.partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # what killed in-memory runs left (this path's own work folder is resumed)
+    key = _key(source, cfg, dtype, windows)
+    manifest = {"format": WORK_FORMAT, "key": key}
+    if not _same(work / "manifest.json", manifest):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        write_json(work / "manifest.json", manifest)
+    elif log:
+        log(f"resuming the compression in {work}")
+    windows = windows.to(device)
+    analysis = _load_analysis(work / "analysis.pt")
+    if analysis is None:
+        curves_needed = ALLOCATIONS[s.allocation].needs_curves
+        cached = _analysis_cache(source, cfg, windows, curves_needed) if stats_cache else None
+        analysis = _load_analysis(cached) if cached else None
+        if analysis is not None and log:
+            log(f"dense statistics from {cached} (Fisher sums and allocation curves)")
+        analysis = analysis or Analysis()
+        fisher_windows = windows[: d.fisher_windows]
+        t0 = time.perf_counter()
+        if s.needs_fisher and not analysis.fisher:
+            # sequential: the curves come from the Fisher windows' dense inputs, as in the driver
+            fisher_pass(layers, fisher_windows, analysis, s, curves_needed and s.sequential, progress)
+        clock["statistics"] = time.perf_counter() - t0
+        kill_point("statistics")
+        t0 = time.perf_counter()
+        if curves_needed and not analysis.curves:
+            curve_pass(layers, fisher_windows if s.sequential else windows, analysis, s, d.batch_size, progress)
+        if cached:
+            torch_save(Analysis(analysis.fisher, analysis.curves).pack(), cached)
+        for m in matrices:
+            m.curve = analysis.curves.get(m.path)
+        analysis.ranks = assign_ranks(matrices, arch, s)
+        clock["allocation"] = time.perf_counter() - t0
+        torch_save(analysis.pack(), work / "analysis.pt")
+    ranks = analysis.ranks
+    t0 = time.perf_counter()
+    _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
+    clock["factorization"] = time.perf_counter() - t0
+    kept = {p: r for p, r in ranks.items() if r != DENSE}
+    result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
+    _assemble(model, reader, tokenizer, kept, dtype, work)
+    result.seconds["total"] = time.perf_counter() - started
+    _write_extra(work, finish(work, result) if finish else {})
+    ordinary_permissions(work)
+    kill_point("save")
+    replace_dir(work, out, overwrite)
+    return result
+
+
+def _write_extra(work: Path, files: dict) -> None:
+    from ..atomic import atomic_write
+
+    for name, content in files.items():
+        atomic_write(work / name, json.dumps(content, indent=2) if isinstance(content, dict) else content)
+
+
+def _shape(reader: ShardReader, path: str) -> tuple[int, int]:
+    out, inp = reader.shape(f"{path}.weight")
+    return int(out), int(inp)
+
+
+def _same(path: Path, manifest: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == manifest
+    except (OSError, ValueError):
+        return False
+
+
+def _load_analysis(path: Path) -> Analysis | None:
+    from ..cache import load_entry
+
+    packed = load_entry(path, lambda p: torch.load(p, weights_only=True))
+    return Analysis.unpack(packed) if isinstance(packed, dict) else None
+
+
+def _analysis_cache(source: Path, cfg: CompressConfig, windows: torch.Tensor, curves: bool) -> Path | None:
+    """Where the Fisher sums and curves of this model, these windows and this weighting are cached
+    (they do not depend on the ratio, the split or the allocation's budget)."""
+    from ..cache import cache_dir, cache_key
+
+    s = cfg.strategy
+    what = [s.method, s.fisher_exponent, s.asvd_alpha, s.type_weights, s.sequential, curves,
+            cfg.data.fisher_windows, cfg.data.batch_size]
+    key = cache_key(str(source), WORK_FORMAT, what, hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest())
+    return cache_dir() / "stats" / f"analysis-{key}.pt" if key else None
+
+
+def _layer_file(work: Path, i: int) -> Path:
+    return work / f"model-layer-{i:05d}.safetensors"
+
+
+@torch.no_grad()
+def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: int, dtype, work: Path, progress):
+    """Pass D: front to back; each finished layer is written to its shard. Sequential: the windows
+    then pass the layer as stored (so a resumed run feeds the layers above the same inputs); otherwise
+    they pass the dense layer."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_write
+    from ..checkpoint.hf.modeling_vac import replace_with_low_rank
+    from ..models.layers import make_low_rank
+
+    stream, arch, model = layers.stream, layers.arch, layers.model
+    batches = list(windows.split(batch_size))
+    hidden = [stream.embed(b) for b in batches]
+    bar = tqdm(range(len(layers)), desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
+    for i in bar:
+        prefix = arch.layer_path(i) + "."
+        todo = {p: r for p, r in analysis.ranks.items() if p.startswith(prefix) and r != DENSE}
+        shard = _layer_file(work, i)
+        layer = layers.load(i)  # dense, from the source
+        if shard.is_file() and s.sequential:  # written before a kill: pass the stored layer
+            replace_with_low_rank(model, todo)
+            _load_stored(layers, i, shard)
+            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+        elif shard.is_file():
+            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+        else:
+            inputs: dict = {}
+            handles = _group_hooks(layers, i, inputs) if s.needs_inputs else []
+            try:
+                outputs = [stream.layer(i, h, b) for h, b in zip(hidden, batches)] if handles or not s.sequential else None
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for path, rank in todo.items():
+                dense = model.get_submodule(path)
+                w = strategy_weighting(s, inputs.get(path), analysis.fisher.get(path))
+                up, down = w.factors(*decompose(dense.weight, w), rank)
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent), name, make_low_rank(dense, up, down))
+            inputs.clear()
+            tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
+            atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+            if s.sequential:
+                if dtype != torch.float32:
+                    _load_stored(layers, i, shard)
+                hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+            else:
+                hidden = outputs  # the next layer's statistics come from dense inputs
+        layers.release(i)
+        kill_point("sequential")
+
+
+def _load_stored(layers: Layers, i: int, shard: Path) -> None:
+    """Put the tensors of a written layer shard (upcast to fp32) into layer ``i``."""
+    from safetensors.torch import load_file
+
+    for name, t in load_file(shard).items():
+        _set(layers.model, name, t.float(), layers.device)
+
+
+def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: Path) -> None:
+    """The rest of the checkpoint in the work folder: non-layer tensors, index, config, code, tokenizer."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .. import checkpoint
+    from ..atomic import atomic_write
+    from ..models.families import family_for
+
+    arch = arch_for(model)
+    prefix = arch.layers + "."
+    rest = {k: t.to(dtype).contiguous() for k, t in reader.get_many([k for k in reader.names()
+                                                                   if not k.startswith(prefix)]).items()}
+    atomic_write(work / "model-rest.safetensors", lambda tmp: save_file(rest, str(tmp), metadata={"format": "pt"}))
+    weight_map, total = {}, 0
+    for f in sorted(work.glob("model-*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                weight_map[k] = f.name
+                t = sf.get_slice(k)
+                total += _numel(t.get_shape()) * _itemsize(t.get_dtype())
+    write_json(work / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config_class, _ = checkpoint.vac_classes(model)
+    base = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "auto_map", "vac_ranks")}
+    config = config_class(**base, vac_ranks=ranks)
+    config.auto_map = checkpoint.auto_map(family_for(model))
+    config.dtype = dtype
+    config.save_pretrained(work)
+    checkpoint.write_shipped(work, model)
+    if (reader.folder / "generation_config.json").is_file():
+        shutil.copy2(reader.folder / "generation_config.json", work / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(work)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(name: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
+
+
+@torch.no_grad()
+def stream_perplexity(folder: str | os.PathLike, windows: torch.Tensor, device="cpu", progress: bool = True) -> dict:
+    """:func:`vac.core.evaluate.perplexity` of the model in ``folder`` (dense or vac), one layer in
+    memory at a time; windows are scored one by one, as there."""
+    import math
+
+    import torch.nn.functional as F
+
+    bounded_heap()
+    model, reader = skeleton(folder, device)
+    layers = Layers(model, reader, device)
+    ws = [w.to(device) for w in windows.split(1)]
+    hidden = [layers.stream.embed(w) for w in ws]
+    for i in tqdm(range(len(layers)), desc="perplexity (streamed)", unit="layer", disable=not progress, leave=False):
+        layers.load(i)
+        hidden = [layers.stream.layer(i, h, w) for h, w in zip(hidden, ws)]
+        layers.release(i)
+    total, count = 0.0, 0
+    for h, w in zip(hidden, ws):
+        logits = layers.stream.head(h)[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "seq_len": windows.shape[1], "windows": windows.shape[0]}
