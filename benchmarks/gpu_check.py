@@ -12,7 +12,12 @@ synthetic). Two parts, each written to ``--out/gpu_check.json`` as soon as it en
    (random factors: speed does not depend on their values): prefill tokens/s (batch 1 × 2048) and
    greedy decode tokens/s with the KV cache (batch 1 and 16), median of repeats, same process.
 
-    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths]
+3. ``scale`` (``--scale``): the streamed ``vac compress --device cuda --ratio 1.8`` of a random
+   32-layer OLMo-3-7B-shaped bf16 checkpoint (``benchmarks/scale.py`` builds it shard by shard), with
+   reduced calibration; records ``torch.cuda.max_memory_allocated()`` (report.json) and host peak RSS
+   (targets: ≤ 24 GB GPU, ≤ 32 GB host).
+
+    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--scale]
 """
 
 from __future__ import annotations
@@ -158,12 +163,28 @@ def speed(layers: int) -> dict:
     return result
 
 
+def scale(out: Path, layers: int) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale import build, run as run_scale
+    from conftest import word_text
+
+    calib = out / "calib.txt"
+    calib.write_text(word_text(8 * 256 * 2, seed=1))
+    source = build(out / f"olmo3-7b-shape-{layers}L", layers)
+    row = run_scale(source, out / "scale-out", calib, "streamed", extra=["--device", "cuda"])
+    if row.get("returncode") == 0:
+        report = json.loads((out / "scale-out" / "report.json").read_text())
+        row["cuda_max_allocated_gib"] = (report.get("cuda_max_allocated_mb") or 0) / 1024
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--skip-paths", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--scale", action="store_true", help="also the streamed compress of a 7B-shaped model")
     ap.add_argument("--device", default="cuda", help="cpu runs part 1 only (a dry run of the script)")
     args = ap.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
@@ -171,7 +192,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"torch": torch.__version__}
     for part, fn in (("cuda_paths", None if args.skip_paths else lambda: cuda_paths(args.out, args.device)),
-                     ("speed", None if args.skip_speed or args.device == "cpu" else lambda: speed(args.layers))):
+                     ("speed", None if args.skip_speed or args.device == "cpu" else lambda: speed(args.layers)),
+                     ("scale", None if not args.scale or args.device == "cpu" else lambda: scale(args.out, args.layers))):
         if fn is None:
             continue
         try:

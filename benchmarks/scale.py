@@ -70,10 +70,10 @@ def build(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run(source: Path, out: Path, calib: Path, mode: str) -> dict:
+def run(source: Path, out: Path, calib: Path, mode: str, extra: list[str] = ()) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "vac.cli", "compress", str(source), "--out", str(out),
            "--overwrite", "--ratio", "1.8", "--calib", str(calib), "--calib-windows", "8", "--seq-len", "256",
-           "--fisher-windows", "2", "--eval", "", "--no-stats-cache"] + (["--in-memory"] if mode == "in-memory" else [])
+           "--fisher-windows", "2", "--eval", "", "--no-stats-cache", *extra] + (["--in-memory"] if mode == "in-memory" else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -89,12 +89,31 @@ def run(source: Path, out: Path, calib: Path, mode: str) -> dict:
     return row
 
 
+def table(doc: dict) -> str:
+    """The README's markdown table of results/scale.json."""
+    lines = ["| layers | mode | peak RSS | wall | statistics + curves | factorization / layer | source → output on disk |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(doc["runs"].values(), key=lambda r: (r["layers"], r["mode"])):
+        if row.get("returncode") != 0:
+            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | |")
+            continue
+        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {row['wall_s'] / 60:.1f} min | "
+                     f"{(row['seconds']['statistics'] + row['seconds']['allocation']) / 60:.1f} min | "
+                     f"{row['factorization_s_per_layer'] / 60:.1f} min | "
+                     f"{row['source_disk_gib']:.2f} → {row['out_disk_gib']:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--modes", nargs="+", default=["streamed", "in-memory"], choices=["streamed", "in-memory"])
     ap.add_argument("--work", type=Path, default=cache_dir() / "bench" / "scale")
+    ap.add_argument("--table", action="store_true", help="print the README table of the results and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())))
+        return
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from conftest import word_text
 

@@ -88,8 +88,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 @pytest.mark.slow  # builds wide models and compresses them in subprocesses (about half a minute)
 def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
-    """Tiny but wide (each layer 28 MB of fp32 weights and 48 MB of fp64 statistics): 8 layers must
-    peak within 60 MB of 2 layers, where holding the extra 6 layers would cost about 450 MB."""
+    """Tiny but wide (each layer 28 MB of fp32 weights and 48 MB of fp64 statistics): holding the 6
+    extra layers of an 8-layer model would add about 450 MB to the 2-layer peak; streamed, the two
+    peaks measure 701 and 713 MB alone (docs/scale.md), and up to 160 MB apart inside the full suite
+    (not understood yet), so the bound is half of what holding the layers would cost."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     peaks = {}
@@ -103,4 +105,5 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-2000:]
         peaks[layers] = int(run.stdout.split()[-1]) / 1024  # MB
-    assert peaks[8] - peaks[2] < 60, peaks
+    held = 6 * (28 + 48)  # MB the in-memory path would add
+    assert peaks[8] - peaks[2] < held / 2, peaks

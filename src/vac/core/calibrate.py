@@ -139,20 +139,26 @@ class Statistics:
     fisher: dict[str, FisherStats] = field(default_factory=dict)
 
 
-@torch.no_grad()
-def layer_input_stats(
-    stream: LayerStream, i: int, hidden: list[torch.Tensor], batches: list[torch.Tensor]
-) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
-    """Run every batch through layer ``i``; return its groups' input statistics and the outputs."""
-    arch, layer = stream.arch, stream.layers[i]
-    stats: dict[str, InputStats] = {}
-    handles = []
+def input_hooks(stream: LayerStream, i: int, stats: dict[str, InputStats]) -> list:
+    """Pre-hooks that add the input of each group of linears of layer ``i`` to ``stats`` (one shared
+    :class:`InputStats` per group, keyed by each member's path); remove the returned handles."""
+    arch, layer, handles = stream.arch, stream.layers[i], []
     for group in arch.groups:
         first = layer.get_submodule(group[0])
         shared = InputStats.empty(first.in_features, first.weight.device)
         for name in group:
             stats[f"{arch.layer_path(i)}.{name}"] = shared
         handles.append(first.register_forward_pre_hook(lambda _m, args, s=shared: s.add(args[0])))
+    return handles
+
+
+@torch.no_grad()
+def layer_input_stats(
+    stream: LayerStream, i: int, hidden: list[torch.Tensor], batches: list[torch.Tensor]
+) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """Run every batch through layer ``i``; return its groups' input statistics and the outputs."""
+    stats: dict[str, InputStats] = {}
+    handles = input_hooks(stream, i, stats)
     try:
         outputs = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
     finally:

@@ -176,6 +176,7 @@ class _Job:
                         "all shifted tokens scored, use_cache=False",
             "seconds": {**result.seconds, "total": time.perf_counter() - self.started},
             "peak_rss_mb": peak_rss_mb(), "device": str(target), "ranks": result.ranks,
+            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(target) / 2**20 if target.type == "cuda" else None,
             "dtype": str(dtype).removeprefix("torch."), "streamed": streamed, "command": self.command,
         }
 

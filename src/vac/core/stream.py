@@ -28,8 +28,8 @@ Memory at OLMo-3-7B shapes (hidden 4096, MLP 11008, vocab 100278, 32 layers), fr
 embeddings + head 3.3 GB; one layer in fp32 0.81 GB (two during a layer swap); one layer's fp64 input
 statistics 1.37 GB; the SVD of the largest matrix (11008 × 4096, fp64) about 1.1 GB; hidden states of
 64 windows × 512 tokens at one boundary 0.54 GB (in and out); pass A keeps 16 windows × 512 tokens
-at all 33 boundaries on the host, 4.4 GB. Peak about 8 GB of device memory and 13 GB of host memory,
-for any number of layers; see docs/scale.md for the measurements.
+at all 33 boundaries on the host, 4.4 GB. Peak, for any number of layers: about 14 GB on a CPU-only
+machine; with ``--device cuda`` about 8 GB on the GPU and 7 GB on the host (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
-from .calibrate import FisherStats, InputStats, LayerStream, window_loss
+from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
 from .driver import Result
 from .methods import decompose, strategy_weighting, tail_energy
 
@@ -192,6 +192,14 @@ class Layers:
                 _set(self.model, prefix + name, buf.to(self.device), self.device)
         return layer
 
+    def release_all(self) -> None:
+        """Every parameter (embeddings, head, norms too) back to meta."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, p in list(self.model.named_parameters()):
+            if p.device.type != "meta":
+                set_module_tensor_to_device(self.model, name, "meta")
+
     def release(self, i: int) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -221,18 +229,6 @@ class Analysis:
         from ..cache import unpack_fisher
 
         return cls(unpack_fisher(d["fisher"]), d["curves"], d["ranks"])
-
-
-def _group_hooks(layers: Layers, i: int, stats: dict[str, InputStats]) -> list:
-    """Pre-hooks that add the input of each group of linears of layer ``i`` to ``stats``."""
-    arch, layer, handles = layers.arch, layers.stream.layers[i], []
-    for group in arch.groups:
-        first = layer.get_submodule(group[0])
-        shared = InputStats.empty(first.in_features, layers.device)
-        for name in group:
-            stats[f"{arch.layer_path(i)}.{name}"] = shared
-        handles.append(first.register_forward_pre_hook(lambda _m, args, s=shared: s.add(args[0])))
-    return handles
 
 
 @torch.no_grad()
@@ -276,7 +272,7 @@ def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strat
                 torch.zeros(m.out_features, dtype=torch.float64, device=layers.device),
                 torch.zeros(m.in_features, dtype=torch.float64, device=layers.device))
         inputs: dict = {}
-        handles = _group_hooks(layers, i, inputs) if curves and strategy.needs_inputs else []
+        handles = input_hooks(layers.stream, i, inputs) if curves and strategy.needs_inputs else []
         try:
             for j, w in enumerate(ws):
                 x = hidden[i][j].to(layers.device).requires_grad_(True)
@@ -307,7 +303,7 @@ def curve_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strate
     for i in tqdm(range(len(layers)), desc="allocation curves", unit="layer", disable=not progress):
         layers.load(i)
         inputs: dict = {}
-        handles = _group_hooks(layers, i, inputs) if strategy.needs_inputs else []
+        handles = input_hooks(layers.stream, i, inputs) if strategy.needs_inputs else []
         try:
             hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
         finally:
@@ -403,6 +399,7 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     t0 = time.perf_counter()
     _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
+    layers.release_all()  # before the assembly and the caller's measurements load their own copies
     kept = {p: r for p, r in ranks.items() if r != DENSE}
     result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
     _assemble(model, reader, tokenizer, kept, dtype, work)
@@ -410,6 +407,8 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     _write_extra(work, finish(work, result) if finish else {})
     ordinary_permissions(work)
     kill_point("save")
+    for name in ("manifest.json", "analysis.pt"):  # work files, not part of the checkpoint
+        (work / name).unlink(missing_ok=True)
     replace_dir(work, out, overwrite)
     return result
 
@@ -484,7 +483,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
             hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
         else:
             inputs: dict = {}
-            handles = _group_hooks(layers, i, inputs) if s.needs_inputs else []
+            handles = input_hooks(layers.stream, i, inputs) if s.needs_inputs else []
             try:
                 outputs = [stream.layer(i, h, b) for h, b in zip(hidden, batches)] if handles or not s.sequential else None
             finally:

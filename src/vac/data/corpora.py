@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_dir
+from ..cache import cache_dir, warn
 from ..errors import VacError
 
 
@@ -537,13 +537,15 @@ def _read_cache(root: Path, name: str) -> dict[str, str] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise VacDataError(f"corrupt cache {root}: {exc}; delete that folder to rebuild it") from None
+        warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
+        return None
     if manifest.get("sha256") != ARTIFACTS[name].sha256 or tuple(manifest.get("docs", ())) != DOC_IDS[name]:
         return None
     try:
         return {doc: (root / f"{doc}.txt").read_text("utf-8") for doc in manifest["docs"]}
     except (OSError, UnicodeDecodeError) as exc:
-        raise VacDataError(f"corrupt cache {root}: {exc}; delete that folder to rebuild it") from None
+        warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
+        return None
 
 
 def _write_cache(root: Path, name: str, docs: dict[str, str]) -> None:
