@@ -165,8 +165,9 @@ def speed(layers: int) -> dict:
 
 def scale(out: Path, layers: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from scale import build, run as run_scale
     from conftest import word_text
+    from scale import build
+    from scale import run as run_scale
 
     calib = out / "calib.txt"
     calib.write_text(word_text(8 * 256 * 2, seed=1))

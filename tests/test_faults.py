@@ -166,12 +166,16 @@ def test_out_of_memory_names_the_options_that_lower_it(inputs, tmp_path, monkeyp
     import vac.core.run as run_module
 
     def oom(*_a, **_k):
+        from vac.faults import stage
+
+        stage("the factorization")
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(run_module, "compress_model", oom)
     result = runner.invoke(app, build(["compress", "{root}/tiny"], inputs, tmp_path / "out"))
     line = one_error(result)
-    assert result.exit_code == 2 and "out of memory in vac compress" in line and "--calib-windows" in line
+    assert result.exit_code == 2 and "out of memory in vac compress during the factorization" in line
+    assert "--calib-windows" in line
 
 
 def test_a_killed_writers_temp_file_is_removed(tmp_path):

@@ -1,4 +1,4 @@
-"""Fault injection for the kill-and-resume tests: ``VAC_KILL_AT=NAME[:N]`` makes the process SIGKILL
+"""Where a job is, for its error messages (:func:`stage`), and fault injection for the kill-and-resume tests: ``VAC_KILL_AT=NAME[:N]`` makes the process SIGKILL
 itself the N-th time (default first) it passes the point ``NAME``, as ``kill -9`` would at that moment.
 
 Points: ``statistics`` (a dense-statistics part was just cached), ``sequential`` (a layer was just
@@ -12,6 +12,14 @@ import os
 import signal
 
 _seen: dict[str, int] = {}
+_stage = [""]
+
+
+def stage(name: str | None = None) -> str:
+    """Set (with ``name``) or read the stage the running job is in, for one-line error messages."""
+    if name is not None:
+        _stage[0] = name
+    return _stage[0]
 
 
 def kill_point(name: str) -> None:

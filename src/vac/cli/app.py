@@ -51,10 +51,13 @@ def friendly(fn):
 
 
 def _out_of_memory(command: str, exc: BaseException):
+    from ..faults import stage
+
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     name = command.removesuffix("_cmd").replace("_", "-")
     hint = MEMORY_HINTS.get(name, "the batch or sequence length")
-    typer.echo(f"error: out of memory in vac {name} ({first}); lower {hint}", err=True)
+    where = f" during {stage()}" if stage() else ""
+    typer.echo(f"error: out of memory in vac {name}{where} ({first}); lower {hint}", err=True)
     raise typer.Exit(2) from None
 
 

@@ -14,6 +14,7 @@ import torch
 from ..atomic import check_output
 from ..config import CompressConfig, EvalConfig
 from ..errors import VacError
+from ..faults import stage
 from .driver import Result, check_budget
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,9 +45,11 @@ def in_memory_compress(model, tokenizer, config: CompressConfig, *, calibration=
             raise VacError(f"calibration windows must be a [n, seq_len] tensor of token ids, got {tuple(windows.shape)}")
     windows = windows.to(device or next(model.parameters()).device)
     t0 = time.perf_counter()
+    stage("the calibration statistics")
     stats = [cached_dense_statistics(model, windows, config, source, log=log, progress=progress)]
     stats_seconds = time.perf_counter() - t0
     # handed over, not kept here: compress frees each layer's statistics once that layer is done
+    stage("the factorization")
     result = compress(model, windows, config, progress=progress, stats=stats.pop())
     result.seconds["statistics"] = stats_seconds
     return result

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from ..atomic import ordinary_permissions, remove_stale, replace_dir, torch_save, write_json
 from ..config import CompressConfig
 from ..errors import VacError
-from ..faults import kill_point
+from ..faults import kill_point, stage
 from ..models.families import arch_for
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
 from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
@@ -380,12 +380,14 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
         analysis = analysis or Analysis()
         fisher_windows = windows[: d.fisher_windows]
         t0 = time.perf_counter()
+        stage("the Fisher pass")
         if s.needs_fisher and not analysis.fisher:
             # sequential: the curves come from the Fisher windows' dense inputs, as in the driver
             fisher_pass(layers, fisher_windows, analysis, s, curves_needed and s.sequential, progress)
         clock["statistics"] = time.perf_counter() - t0
         kill_point("statistics")
         t0 = time.perf_counter()
+        stage("the allocation curves")
         if curves_needed and not analysis.curves:
             curve_pass(layers, fisher_windows if s.sequential else windows, analysis, s, d.batch_size, progress)
         if cached:
@@ -397,11 +399,13 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
         torch_save(analysis.pack(), work / "analysis.pt")
     ranks = analysis.ranks
     t0 = time.perf_counter()
+    stage("the factorization")
     _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
     layers.release_all()  # before the assembly and the caller's measurements load their own copies
     kept = {p: r for p, r in ranks.items() if r != DENSE}
     result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
+    stage("the save")
     _assemble(model, reader, tokenizer, kept, dtype, work)
     result.seconds["total"] = time.perf_counter() - started
     _write_extra(work, finish(work, result) if finish else {})
