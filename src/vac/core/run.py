@@ -5,6 +5,7 @@ benchmarks and users call :func:`compress_model` (or the in-memory :func:`vac.co
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -124,7 +125,7 @@ class _Job:
         def finish(folder, result):
             after = measured_ppl(None, tok, str(folder), ev.data, d.seq_len, ev.windows, progress=self.progress,
                                  score=lambda w: stream_perplexity(folder, w, target, self.progress)) if ev.data else None
-            params = sum(_numel(t.get_shape()) for t in _slices(folder))
+            params = sum(math.prod(t.get_shape()) for t in _slices(folder))
             report.update(self.report(net, result, shapes, before, after, params, target, dtype, streamed=True))
             return {"report.json": self._saved(report), "ranks.png": self.png(result)}
 
@@ -222,13 +223,6 @@ def _slices(folder):
         with safe_open(f, framework="pt") as sf:
             for k in sf.keys():
                 yield sf.get_slice(k)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def matrices_of_shapes(arch, n_layers: int, shapes: dict) -> list:

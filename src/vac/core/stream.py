@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -540,7 +541,7 @@ def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: P
             for k in sf.keys():
                 weight_map[k] = f.name
                 t = sf.get_slice(k)
-                total += _numel(t.get_shape()) * _itemsize(t.get_dtype())
+                total += math.prod(t.get_shape()) * _itemsize(t.get_dtype())
     write_json(work / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     config_class, _ = checkpoint.vac_classes(model)
     base = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "auto_map", "vac_ranks")}
@@ -553,13 +554,6 @@ def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: P
         shutil.copy2(reader.folder / "generation_config.json", work / "generation_config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _itemsize(name: str) -> int:
