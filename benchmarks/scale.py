@@ -89,15 +89,31 @@ def run(source: Path, out: Path, calib: Path, mode: str, extra: list[str] = ()) 
     return row
 
 
+def plan(source: Path) -> dict:
+    """The memory model of vac.core.memory for this source at the benchmark's settings (GiB), and the
+    issue's target: embeddings + head + 2 layers in fp32 + one layer's fp64 statistics + activations + 1 GB."""
+    from vac.core.memory import FP32, FP64, Shapes, stage_bytes
+    from vac.core.stream import skeleton
+    from vac.models.families import arch_for
+
+    model, reader = skeleton(source, "meta", load=False)
+    shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
+    stages = stage_bytes(shapes, windows=8, seq_len=256, fisher_windows=2, batch_size=8)
+    target = (2 * shapes.vocab * shapes.hidden * FP32 + 2 * shapes.layer_params() * FP32
+              + sum(n * n * FP64 for n in shapes.group_inputs()) + 2 * 8 * 256 * shapes.hidden * FP32 + 10**9)
+    return {"stages_gib": {k: v / 2**30 for k, v in stages.items()}, "target_gib": target / 2**30}
+
+
 def table(doc: dict) -> str:
     """The README's markdown table of results/scale.json."""
-    lines = ["| layers | mode | peak RSS | wall | statistics + curves | factorization / layer | source → output on disk |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| layers | mode | peak RSS | target | wall | statistics + curves | factorization / layer | source → output on disk |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in sorted(doc["runs"].values(), key=lambda r: (r["layers"], r["mode"])):
         if row.get("returncode") != 0:
-            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | |")
+            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | | |")
             continue
-        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {row['wall_s'] / 60:.1f} min | "
+        target = f"{row['plan']['target_gib']:.2f} GiB" if "plan" in row else "-"
+        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {target} | {row['wall_s'] / 60:.1f} min | "
                      f"{(row['seconds']['statistics'] + row['seconds']['allocation']) / 60:.1f} min | "
                      f"{row['factorization_s_per_layer'] / 60:.1f} min | "
                      f"{row['source_disk_gib']:.2f} → {row['out_disk_gib']:.2f} GiB |")
@@ -130,7 +146,7 @@ def main(argv=None):
             if key in doc["runs"]:
                 continue
             row = run(source, args.work / f"out-{layers}L-{mode}", calib, mode)
-            row |= {"layers": layers, "source_disk_gib": source_gib}
+            row |= {"layers": layers, "source_disk_gib": source_gib, "plan": plan(source)}
             if row.get("seconds"):
                 row["factorization_s_per_layer"] = row["seconds"].get("factorization", 0) / layers
             print(json.dumps(row), flush=True)

@@ -68,6 +68,8 @@ BAD = [
     (["compress", "{root}/tiny", "--attn-ratio", "1"], "--attn-ratio must be greater than 1"),
     (["compress", "{root}/tiny", "--correct", "--method", "svd"], "--correct needs"),
     (["compress", "{root}/tiny", "--dtype", "fp16"], "--dtype must be"),
+    (["compress", "{root}/tiny", "--offload-dir", "{root}/calib.txt"], "is a file, not a folder"),
+    (["compress", "{root}/tiny", "--offload-dir", "{root}/spill", "--in-memory"], "--offload-dir needs the streamed"),
     (["compress", "{root}/tiny", "--device", "tpu"], "--device must be"),
     (["compress", "{root}/tiny", "--eval-windows", "0"], "--eval-windows must be"),
     (["compress", "{root}/tiny", "--strategy", "{root}/missing.json"], "no such strategy file"),
@@ -323,3 +325,24 @@ def test_distill_killed_then_rerun_equals_an_uninterrupted_run(inputs, tmp_path,
     same_weights(tmp_path / "ref", tmp_path / "out")
     report = [json.loads((tmp_path / d / "distill.json").read_text()) for d in ("ref", "out")]
     assert report[0]["ppl_after"]["ppl"] == pytest.approx(report[1]["ppl_after"]["ppl"], rel=1e-5)
+
+
+def test_out_of_memory_in_a_streamed_stage_says_how_much_it_needs(inputs, tmp_path, monkeypatch):
+    """A real streamed compress running out of memory in its factorization: the line names the bytes
+    the stage needs (vac.core.memory) at these settings."""
+    import vac.core.stream as stream_module
+    from vac.core.memory import Shapes, human, stage_bytes
+    from vac.models.families import arch_for
+
+    def oom(*_a, **_k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(stream_module, "decompose", oom)
+    result = runner.invoke(app, build(["compress", "{root}/tiny"], inputs, tmp_path / "out"))
+    line = one_error(result)
+    model, reader = stream_module.skeleton(inputs / "tiny", "meta", load=False)
+    shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
+    assert shapes.linears["mlp.down_proj"] == (model.config.hidden_size, model.config.intermediate_size)
+    needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8)["the factorization"]
+    assert result.exit_code == 2 and f"during the factorization, which needs about {human(needs)}" in line, line
+    assert not (tmp_path / "out").exists()

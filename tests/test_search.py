@@ -107,6 +107,38 @@ def test_proxy_scoring_equals_the_pipeline_without_new_svds(parts):
     assert ours["score"] == pytest.approx(ref, rel=1e-5)
 
 
+def test_scoring_leaves_the_model_dense_without_copying_it(parts, monkeypatch):
+    """Proxy and full scoring compress the search's one model in place and restore it (no deepcopy per
+    candidate); the full candidate's modules, applied again, give the same perplexity."""
+    from vac.models.layers import applied
+    from vac.search.scoring import full_compress
+
+    model, scorer = parts["model"], parts["scorer"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cls = type(model)
+    real = copy.deepcopy
+
+    def no_module_copies(obj, *a, **k):
+        if isinstance(obj, torch.nn.Module):
+            pytest.fail(f"a {type(obj).__name__} was deep-copied")
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(copy, "deepcopy", no_module_copies)
+    scored = scorer.score(Genome.default(4))
+    cfg = Genome.default(4).config(parts["setup"], full=True)
+    modules, result = full_compress(model, parts["calib"], parts["seq"], cfg, scorer.step_cost)
+    assert type(model) is cls and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert len(modules) == len(result.ranks) and scored["score"] > 0
+    with applied(model, modules) as net:
+        once = perplexity(net, parts["windows"], progress=False)["ppl"]
+    monkeypatch.undo()
+    net = copy.deepcopy(model)
+    compress(net, parts["calib"], cfg, progress=False, stats=parts["seq"])
+    assert once == pytest.approx(perplexity(net, parts["windows"], progress=False)["ppl"], rel=1e-6)
+    assert type(model) is cls
+
+
 def strip(obj):
     """The state without wall-clock fields."""
     if isinstance(obj, dict):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import folder_weights, tiny_llama, tokens
+from conftest import folder_weights, tiny_llama, tokens, word_text
 
 import vac
 from vac.config import CompressConfig
@@ -107,3 +108,91 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
         peaks[layers] = int(run.stdout.split()[-1]) / 1024  # MB
     held = 6 * (28 + 48)  # MB the in-memory path would add
     assert peaks[8] - peaks[2] < held / 2, peaks
+
+
+RANK = """
+import json, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from conftest import tokens
+from vac.config import CompressConfig
+from vac.core.stream import stream_compress
+torch.set_num_threads(1)
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method={store!r}, rank=rank, world_size=2)
+result = stream_compress({source!r}, None, CompressConfig.of(**{settings!r}), tokens(8, 32), {out!r},
+                         progress=False, stats_cache=False)
+print(json.dumps(result.ranks))
+"""
+
+
+@pytest.mark.parametrize("settings", [dict(method="vac"), dict(method="whiten", allocation="global")],
+                         ids=["vac-fisher-sequential", "whiten-curves"])
+def test_two_gloo_ranks_equal_one_process(dense, tmp_path, settings):
+    """Two processes (each half of the windows, statistics all-reduced, matrices shared out) give the
+    ranks of one process and its factors within fp tolerance; rank 0 alone writes the checkpoint."""
+    root, _ = dense
+    settings = {**BASE, **settings}
+    one = stream_compress(root / "dense", None, CompressConfig.of(**settings), tokens(8, 32), tmp_path / "one",
+                          progress=False, stats_cache=False)
+    script = RANK.format(tests=str(Path(__file__).parent), store=f"file://{tmp_path / 'store'}",
+                         source=str(root / "dense"), settings=settings, out=str(tmp_path / "two"))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert [json.loads(o.split("\n")[-2]) for o, _ in outs] == [one.ranks, one.ranks]
+    expected, got = folder_weights(tmp_path / "one"), folder_weights(tmp_path / "two")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("settings", [dict(method="vac"), dict(method="whiten", allocation="global", sequential=False)],
+                         ids=["fisher-sequential", "curves-dense"])
+def test_offloaded_hidden_states_give_the_same_checkpoint(dense, tmp_path, settings, monkeypatch):
+    """--offload-dir: every boundary goes through files (checked: the passes wrote some), the
+    checkpoint is bit-identical, and nothing is left in the folder."""
+    import vac.core.offload as offload
+
+    root, _ = dense
+    cfg = CompressConfig.of(**BASE, **settings)
+    stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "mem", progress=False, stats_cache=False)
+    written = []
+    real = offload.Spilled.__init__
+    monkeypatch.setattr(offload.Spilled, "__init__", lambda self, *a: (real(self, *a), written.append(self.n))[0])
+    stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "disk", progress=False, stats_cache=False,
+                    offload_dir=tmp_path / "spill")
+    assert len(written) > len(dense[1].model.layers) and sum(written) > 0
+    expected, got = folder_weights(tmp_path / "mem"), folder_weights(tmp_path / "disk")
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_a_hub_id_streams_from_its_snapshot(dense, tmp_path, monkeypatch):
+    """A hub id is downloaded (snapshot_download: here a stand-in returning a local folder) and then
+    compressed layer by layer like a local folder; a failed download is one line."""
+    import huggingface_hub
+    from conftest import tiny_tokenizer
+
+    from vac.config import EvalConfig
+    from vac.core.run import compress_model
+    from vac.errors import VacError
+
+    root, _ = dense
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(root / "dense", snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (tmp_path / "calib.txt").write_text(word_text(3000, seed=1))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(repo) or str(snapshot))
+    cfg = CompressConfig.of(**{**BASE, "calib": str(tmp_path / "calib.txt")})
+    report = compress_model("someone/tiny-llama", tmp_path / "out", cfg, evaluation=EvalConfig("", 4), progress=False)
+    assert asked == ["someone/tiny-llama"] and report["streamed"] is True and (tmp_path / "out" / "config.json").is_file()
+
+    def offline(repo, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(VacError, match="cannot download hub model 'someone/other': We couldn't connect"):
+        compress_model("someone/other", tmp_path / "out2", cfg, evaluation=EvalConfig("", 4), progress=False)

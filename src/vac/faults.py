@@ -12,14 +12,20 @@ import os
 import signal
 
 _seen: dict[str, int] = {}
-_stage = [""]
+_stage: list = ["", None]
 
 
-def stage(name: str | None = None) -> str:
-    """Set (with ``name``) or read the stage the running job is in, for one-line error messages."""
+def stage(name: str | None = None, needs: int | None = None) -> str:
+    """Set (with ``name``, and the bytes the stage ``needs`` when known) or read the stage the running
+    job is in, for one-line error messages."""
     if name is not None:
-        _stage[0] = name
+        _stage[:] = [name, needs]
     return _stage[0]
+
+
+def stage_needs() -> int | None:
+    """The bytes the current stage needs (:mod:`vac.core.memory`), None when not estimated."""
+    return _stage[1]
 
 
 def kill_point(name: str) -> None:

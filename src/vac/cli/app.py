@@ -51,12 +51,16 @@ def friendly(fn):
 
 
 def _out_of_memory(command: str, exc: BaseException):
-    from ..faults import stage
+    from ..faults import stage, stage_needs
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     name = command.removesuffix("_cmd").replace("_", "-")
     hint = MEMORY_HINTS.get(name, "the batch or sequence length")
     where = f" during {stage()}" if stage() else ""
+    if stage_needs():
+        from ..core.memory import human
+
+        where += f", which needs about {human(stage_needs())} at these settings"
     typer.echo(f"error: out of memory in vac {name}{where} ({first}); lower {hint}", err=True)
     raise typer.Exit(2) from None
 

@@ -62,6 +62,8 @@ def compress(
     stats_cache: bool = typer.Option(True, "--stats-cache/--no-stats-cache",
                                      help="reuse the dense statistics of an earlier run (cached under $VAC_HOME/stats)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out folder"),
+    offload_dir: Optional[Path] = typer.Option(None, help="keep the calibration hidden states in files under this "
+                                               "folder instead of in memory (streamed; for long calibration sets)"),
     strategy_file: Optional[Path] = typer.Option(None, "--strategy", help="strategy JSON of `vac search`: it replaces "
                                                  "every strategy option (--ratio, --method, --order, ...), not the data options"),
     *, strategy: StrategyConfig, data: DataConfig,
@@ -76,7 +78,10 @@ def compress(
     report = compress_model(
         model, out_dir, CompressConfig(strategy, data), evaluation=EvalConfig(eval_data, eval_windows), dtype=dtype,
         device=device, stats_cache=stats_cache, overwrite=overwrite, command=command_line(), stream=stream, log=log,
+        offload_dir=offload_dir,
     )
+    if not report:  # a rank other than 0 under torchrun: rank 0 prints
+        return
     s = CompressConfig(strategy, data).resolved().strategy
     err.print(rank_table(*report.pop("rank_rows")))
     ppl = lambda r: f"{r['ppl']:.2f}" if r else "-"  # noqa: E731

@@ -97,6 +97,9 @@ class InputStats:
     # [in, in] fp64, sum over tokens of x_dense x̃ᵀ: the same token's input in the dense model (x_dense)
     # and in the partly compressed one (x̃ = x); set only by :func:`layer_pair_stats`
     cross: torch.Tensor | None = None
+    # set by a caller that will not read these statistics again: the whitening may then turn xtx into
+    # its Cholesky working copy in place (one fewer [in, in] fp64 matrix at the peak)
+    disposable: bool = False
 
     @classmethod
     def empty(cls, dim: int, device=None) -> "InputStats":
@@ -107,7 +110,7 @@ class InputStats:
         """Add a batch: products in fp32 per chunk of tokens (fast), sums accumulated in fp64."""
         x = x.detach().reshape(-1, x.shape[-1]).float()
         for chunk in x.split(4096):
-            self.xtx += (chunk.T @ chunk).double()
+            self.xtx.add_(chunk.T @ chunk)  # promoted to fp64 in place: no fp64 copy of the product
         self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
 
@@ -119,7 +122,7 @@ class InputStats:
         if self.cross is None:
             self.cross = torch.zeros_like(self.xtx)
         for chunk, chunk_dense in zip(x.split(4096), x_dense.split(4096)):
-            self.cross += (chunk_dense.T @ chunk).double()
+            self.cross.add_(chunk_dense.T @ chunk)
 
 
 @dataclass

@@ -57,15 +57,21 @@ def register_method(name: str, *, needs=(), whitening=False, attn_share=None, **
     return deco
 
 
-def cholesky_adaptive(xtx: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of XᵀX (fp64), adding the smallest ridge λ·mean(diag) that works."""
-    xtx = xtx.double()
-    scale = xtx.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+def cholesky_adaptive(xtx: torch.Tensor, tokens: int = 1, in_place: bool = False) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of XᵀX/``tokens`` (fp64), adding the smallest ridge λ·mean(diag) that works.
+
+    One working copy of the matrix besides the factor (``in_place``: ``xtx`` itself, fp64, overwritten):
+    the ridge is written into its diagonal, no identity matrix (at an MLP width of 11008 each of these
+    is 0.97 GB, docs/scale.md)."""
+    a = xtx.div_(tokens) if in_place and xtx.dtype == torch.float64 else xtx.double().div(tokens)
+    diag = a.diagonal().clone()
+    scale = diag.mean().clamp_min(1e-30)
     for ridge in (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
-        factor, info = torch.linalg.cholesky_ex(xtx + ridge * scale * eye)
+        a.diagonal().copy_(diag + ridge * scale)
+        factor, info = torch.linalg.cholesky_ex(a)
         if info.item() == 0 and factor.diagonal().min() > 0:
             return factor, ridge
+        del factor
     raise VacError("the input covariance of a layer could not be factorized even with a large ridge "
                    "(non-finite activations? check the model and the calibration text)")
 
@@ -155,7 +161,9 @@ def whitened(inputs: InputStats, left: torch.Tensor | None = None) -> Weighting:
     """R = chol(XᵀX/n), with an optional left weighting; with the cross term of paired statistics
     (``--correct``) the matrix decomposed fits the dense outputs from the compressed inputs."""
     n = max(inputs.tokens, 1)
-    chol, ridge = cholesky_adaptive(inputs.xtx / n)
+    chol, ridge = cholesky_adaptive(inputs.xtx, n, in_place=inputs.disposable)
+    if inputs.disposable:
+        inputs.xtx = None  # overwritten by the factorization: released now rather than with the object
     target = None
     if inputs.cross is not None:
         # ‖W X_dense − W′ X̃‖² = const + ‖(W* − W′) L‖² with W* = W M C⁻¹ (M cross term, C = L Lᵀ

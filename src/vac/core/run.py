@@ -59,14 +59,17 @@ def in_memory_compress(model, tokenizer, config: CompressConfig, *, calibration=
 def compress_model(model: str, out: str | Path, config: CompressConfig | None = None, *,
                    evaluation: EvalConfig = EvalConfig(), dtype: str | None = None, device: str | None = None,
                    stats_cache: bool = True, overwrite: bool = False, command: str | None = None,
-                   stream: bool = True, progress: bool = True, log=None) -> dict:
+                   stream: bool = True, progress: bool = True, log=None, offload_dir=None) -> dict:
     """The whole ``vac compress`` job: compress ``model`` (embedded name, folder or hub id) and save
     the checkpoint at ``out`` with ``report.json`` and ``ranks.png``; returns the report.
 
     A local safetensors folder is compressed layer by layer (:mod:`vac.core.stream`: memory bounded
-    by one decoder layer, resumable); ``stream=False``, hub ids and the settings that stream cannot
-    serve (``--correct``, non-monotone sequential orders) load the whole model (:mod:`vac.core.driver`).
-    ``dtype``: storage dtype of the checkpoint, ``fp32`` | ``bf16`` (default: the source's)."""
+    by one decoder layer, resumable), a hub id from its downloaded snapshot; ``stream=False``, weights
+    that are not safetensors and the settings that stream cannot serve (``--correct``, non-monotone sequential orders) load the whole model (:mod:`vac.core.driver`).
+    ``dtype``: storage dtype of the checkpoint, ``fp32`` | ``bf16`` (default: the source's).
+    ``offload_dir``: the streamed passes keep the calibration hidden states in files there.
+    Under ``torchrun`` the streamed path shares the calibration across the ranks
+    (:mod:`vac.core.distributed`); rank 0 returns the report, the others ``{}``."""
     from ..data.specs import check_disjoint
     from ..models.zoo import pick_device, resolve_model
     from .stream import streamable
@@ -79,15 +82,32 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
     if out.exists() and not overwrite:
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
     check_output(out, {"model": model, "calibration data": d.calib, "evaluation data": evaluation.data})
+    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
+        raise VacError(f"--offload-dir {offload_dir} is a file, not a folder")
     check_disjoint([("calibration", d.calib, "evaluation", evaluation.data, "--calib or --eval", "")])
     job = _Job(model, out, config, evaluation, dtype, command, progress, log, time.perf_counter())
+    job.offload_dir = offload_dir
     target = pick_device(device)
     source = resolve_model(model)
     why = streamable(config) if stream else "stream=False"
+    if why is None and not Path(source).is_dir():  # a hub id: downloaded, then streamed from the snapshot
+        from ..models.zoo import hub_snapshot
+
+        source = hub_snapshot(source)
     if why is None and not Path(source, "config.json").is_file():
-        why = "a model that is not a local folder"
+        why = "a model folder without config.json"
+    if why is None and not any(Path(source).glob("*.safetensors")):
+        why = "weights that are not safetensors"
     if why is None:
-        return job.streamed(source, target, stats_cache)
+        from .distributed import init_from_env
+
+        return job.streamed(source, init_from_env(target), stats_cache)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VacError(f"several processes (torchrun) need the streamed compression, which does not serve {why}")
+    if offload_dir is not None:
+        raise VacError(f"--offload-dir needs the streamed compression, which does not serve {why}")
     if log and stream:
         log(f"compressing in memory (the whole model is loaded): streaming does not serve {why}")
     return job.in_memory(source, target, stats_cache)
@@ -104,6 +124,7 @@ class _Job:
         from transformers import AutoConfig, AutoTokenizer
 
         from ..data.windows import sample_windows
+        from .distributed import is_main
         from .evaluate import measured_ppl
         from .stream import skeleton, stream_compress, stream_perplexity
 
@@ -118,7 +139,7 @@ class _Job:
         dtype = DTYPES[self.dtype] if self.dtype else reader.dtype()
         windows = sample_windows(tok, d.calib, d.seq_len, d.calib_windows, d.seed)
         before = measured_ppl(None, tok, source, ev.data, d.seq_len, ev.windows, cache=True, progress=self.progress,
-                              score=lambda w: stream_perplexity(source, w, target, self.progress)) if ev.data else None
+                              score=lambda w: stream_perplexity(source, w, target, self.progress)) if ev.data and is_main() else None
         shapes = {p: reader.shape(f"{p}.weight") for p in _linears(net)}
         report = {}
 
@@ -130,8 +151,10 @@ class _Job:
             return {"report.json": self._saved(report), "ranks.png": self.png(result)}
 
         stream_compress(source, tok, self.config, windows, self.out, dtype=dtype, device=target,
-                                 overwrite=True, finish=finish, stats_cache=stats_cache, progress=self.progress,
-                                 log=self.log)
+                        overwrite=True, finish=finish, stats_cache=stats_cache, progress=self.progress,
+                        log=self.log, offload_dir=self.offload_dir)
+        if not is_main():  # under torchrun rank 0 measures, reports and saves
+            return {}
         report["seconds"]["total"] = time.perf_counter() - self.started
         return report | {"rank_rows": self.rank_rows}
 

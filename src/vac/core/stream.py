@@ -51,9 +51,11 @@ from ..config import CompressConfig
 from ..errors import VacError
 from ..faults import kill_point, stage
 from ..models.families import arch_for
+from . import distributed as dist
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
 from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
 from .driver import Result
+from .memory import Shapes, stage_bytes
 from .methods import decompose, strategy_weighting, tail_energy
 
 WORK_FORMAT = "vac-stream/1"
@@ -107,11 +109,15 @@ class ShardReader:
             return tuple(f.get_slice(name).get_shape())
 
     def dtype(self) -> torch.dtype:
-        """The storage dtype of the floating-point weights."""
-        for name in self.weight_map:
-            t = self.get(name)
-            if t.is_floating_point():
-                return t.dtype
+        """The storage dtype of the floating-point weights (read from the headers, no tensor read)."""
+        from safetensors import safe_open
+
+        kinds = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        for name, file in self.weight_map.items():
+            with safe_open(self.folder / file, framework="pt") as f:
+                kind = f.get_slice(name).get_dtype()
+            if kind in kinds:
+                return kinds[kind]
         return torch.float32
 
 
@@ -171,10 +177,14 @@ def skeleton(folder: str | os.PathLike, device, load: bool = True):
 
 
 class Layers:
-    """Loads decoder layer ``i`` from the shards (fp32 on the device) and releases it again."""
+    """Loads decoder layer ``i`` from the shards (fp32 on the device) and releases it again; ``keep``
+    holds the passes' hidden states (:mod:`vac.core.offload`)."""
 
-    def __init__(self, model, reader: ShardReader, device):
+    def __init__(self, model, reader: ShardReader, device, offload_dir=None):
+        from .offload import Keeper
+
         self.model, self.reader, self.device = model, reader, device
+        self.keep = Keeper(offload_dir, device)  # where the passes keep hidden states (memory or disk)
         self.arch = arch_for(model)
         self.stream = LayerStream(model, self.arch)
 
@@ -186,8 +196,9 @@ class Layers:
         prefix = f"{self.arch.layer_path(i)}."
         layer = self.stream.layers[i]
         names = [prefix + name for name, _ in layer.named_parameters()]
-        for name, tensor in reader.get_many(names).items():
-            _set(self.model, name, tensor.float(), self.device)
+        tensors = reader.get_many(names)
+        for name in names:  # popped: each source-dtype copy is freed once its fp32 copy is set
+            _set(self.model, name, tensors.pop(name).float(), self.device)
         for name, buf in list(layer.named_buffers()):
             if buf.device.type != "meta":
                 _set(self.model, prefix + name, buf.to(self.device), self.device)
@@ -234,13 +245,22 @@ class Analysis:
 
 @torch.no_grad()
 def _layer_curves(layers: Layers, i: int, analysis: Analysis, inputs: dict, strategy) -> None:
-    """The allocation curves of layer ``i`` (loaded) from its statistics (as driver.allocation_curves)."""
-    arch = layers.arch
-    for name in arch.linears:
-        path = f"{arch.layer_path(i)}.{name}"
-        w = strategy_weighting(strategy, inputs.get(path), analysis.fisher.get(path))
+    """The allocation curves of layer ``i`` (loaded) from its statistics (as driver.allocation_curves);
+    several ranks: each computes its share of the matrices, then all are broadcast."""
+    arch, me = layers.arch, dist.world()[0]
+    paths = [f"{arch.layer_path(i)}.{name}" for name in arch.linears]
+    mine = {}
+    for j, path in enumerate(paths):
+        stats = _pop(inputs, path)
+        if dist.owner(j) != me:
+            continue
+        w = strategy_weighting(strategy, stats, analysis.fisher.get(path))
         sv = torch.linalg.svdvals(w.apply(layers.model.get_submodule(path).weight))
-        analysis.curves[path] = tail_energy(sv).cpu() * (strategy.type_weights or {}).get(arch.kind(path), 1.0)
+        del w, stats
+        mine[path] = tail_energy(sv) * (strategy.type_weights or {}).get(arch.kind(path), 1.0)
+    for j, path in enumerate(paths):
+        got = dist.broadcast({"curve": mine[path]} if path in mine else None, dist.owner(j), layers.device)
+        analysis.curves[path] = got["curve"].cpu()
 
 
 def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strategy, curves: bool, progress: bool):
@@ -248,17 +268,17 @@ def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strat
     ``calibrate.fisher_stats`` for the per-window computation it reproduces); with ``curves``, each
     layer's curves from the input statistics of the same recompute."""
     stream, arch, n = layers.stream, layers.arch, len(layers)
-    ws = list(windows.split(1))
-    with torch.no_grad():
-        hidden = [[stream.embed(w) for w in ws]]
+    ws = list(dist.share(windows).split(1))
+    dev, keep = layers.device, layers.keep
+    with torch.no_grad():  # every boundary on the host (or on disk)
+        hidden = [keep(stream.embed(w).cpu() for w in ws)]
         for i in tqdm(range(n), desc="fisher forward", unit="layer", disable=not progress):
             layers.load(i)
-            hidden.append([stream.layer(i, h, w).cpu() for h, w in zip(hidden[-1], ws)])
-            hidden[-2] = [h.cpu() for h in hidden[-2]]
+            hidden.append(keep(stream.layer(i, h.to(dev), w).cpu() for h, w in zip(hidden[-1], ws)))
             layers.release(i)
     grads = []
     for h, w in zip(hidden[-1], ws):
-        top = h.to(layers.device).requires_grad_(True)
+        top = h.to(dev).requires_grad_(True)
         window_loss(stream.head(top), w).backward()
         grads.append(top.grad)
     hidden.pop()
@@ -274,42 +294,64 @@ def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strat
                 torch.zeros(m.in_features, dtype=torch.float64, device=layers.device))
         inputs: dict = {}
         handles = input_hooks(layers.stream, i, inputs) if curves and strategy.needs_inputs else []
+        handles += [m.weight.register_post_accumulate_grad_hook(_fisher_sums(analysis.fisher[path]))
+                    for path, m in linears.items()]
         try:
             for j, w in enumerate(ws):
                 x = hidden[i][j].to(layers.device).requires_grad_(True)
                 stream.layer(i, x, w).backward(grads[j])
                 grads[j] = x.grad
-                for path, m in linears.items():
-                    g2 = m.weight.grad.double().square()
-                    f = analysis.fisher[path]
-                    f.row += g2.sum(1)
-                    f.col += g2.sum(0)
-                    f.windows += 1
-                    m.weight.grad = None
+                for path in linears:
+                    analysis.fisher[path].windows += 1
         finally:
             for handle in handles:
                 handle.remove()
         hidden.pop()
+        dist.reduce_fisher({path: analysis.fisher[path] for path in linears})
+        dist.reduce_inputs(inputs)
         if curves:
             _layer_curves(layers, i, analysis, inputs, strategy)
         layers.release(i)
 
 
+def _pop(inputs: dict, path: str):
+    """The statistics of ``path``, removed from ``inputs``: a group's XᵀX is freed once its last member
+    is done, and that member may overwrite it (:attr:`InputStats.disposable`)."""
+    stats = inputs.pop(path, None)
+    if stats is not None and all(other is not stats for other in inputs.values()):
+        stats.disposable = True
+    return stats
+
+
+def _fisher_sums(f: FisherStats):
+    """Hook: add a weight's squared gradient to its Fisher row/column sums as soon as autograd has it,
+    then drop the gradient (one matrix's gradient in memory at a time, not the layer's)."""
+
+    def hook(param):
+        g2 = param.grad.double().square()
+        f.row += g2.sum(1)
+        f.col += g2.sum(0)
+        param.grad = None
+
+    return hook
+
+
 @torch.no_grad()
 def curve_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strategy, batch_size: int, progress: bool):
     """Pass B: each layer's input statistics over ``windows`` (dense inputs), its curves, then freed."""
-    stream = layers.stream
-    batches = list(windows.split(batch_size))
-    hidden = [stream.embed(b) for b in batches]
+    stream, keep = layers.stream, layers.keep
+    batches = list(dist.share(windows).split(batch_size))
+    hidden = keep(stream.embed(b) for b in batches)
     for i in tqdm(range(len(layers)), desc="allocation curves", unit="layer", disable=not progress):
         layers.load(i)
         inputs: dict = {}
         handles = input_hooks(layers.stream, i, inputs) if strategy.needs_inputs else []
         try:
-            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
         finally:
             for handle in handles:
                 handle.remove()
+        dist.reduce_inputs(inputs)
         _layer_curves(layers, i, analysis, inputs, strategy)
         layers.release(i)
 
@@ -337,39 +379,56 @@ def _key(source: Path, cfg: CompressConfig, dtype: torch.dtype, windows: torch.T
 def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, windows: torch.Tensor,
                     out: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
                     overwrite: bool = False, finish=None, stats_cache: bool = True, progress: bool = True,
-                    log=None) -> Result:
+                    log=None, offload_dir: str | os.PathLike | None = None) -> Result:
     """Compress the model folder ``source`` into the checkpoint folder ``out``, one layer at a time.
 
     ``dtype``: storage dtype of the checkpoint (default: the source's). ``stats_cache``: reuse the
     Fisher sums and curves of an earlier run on the same model and windows (``$VAC_HOME/stats``,
     whatever the ratio or allocation). ``finish(folder, result)``
     may return more files (name → JSON dict, bytes or text, e.g. ``report.json``) once the checkpoint
-    is complete in its work folder (it can be loaded and measured there) and before it is renamed."""
+    is complete in its work folder (it can be loaded and measured there) and before it is renamed.
+    ``offload_dir``: keep the calibration hidden states there instead of in memory (:mod:`vac.core.offload`)."""
     cfg = cfg.resolved()
-    s, d = cfg.strategy, cfg.data
     if why := streamable(cfg):
         raise VacError(f"streamed compression does not support {why}")
     source, out = Path(source), Path(out)
-    clock, started = {}, time.perf_counter()
+    started = time.perf_counter()
     bounded_heap()
     model, reader = skeleton(source, device)
     if model.config.model_type.startswith("vac_"):
         raise VacError(f"{source} is already a vac checkpoint; compress its dense source model")
     dtype = dtype or reader.dtype()
-    layers = Layers(model, reader, device)
+    layers = Layers(model, reader, device, offload_dir)
+    try:
+        return _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, finish, stats_cache,
+                       progress, log, started)
+    finally:
+        layers.keep.close()
+
+
+def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, finish, stats_cache, progress, log,
+            started) -> Result:
+    s, d, model, reader, device = cfg.strategy, cfg.data, layers.model, layers.reader, layers.device
+    clock = {}
     arch, n = layers.arch, len(layers)
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
+    needs = stage_bytes(Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
+                        windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
+                        batch_size=d.batch_size)
+    main = dist.is_main()  # several ranks (vac.core.distributed): rank 0 alone writes files
     work = out.with_name(f".{out.name}.partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)  # what killed in-memory runs left (this path's own work folder is resumed)
     key = _key(source, cfg, dtype, windows)
     manifest = {"format": WORK_FORMAT, "key": key}
-    if not _same(work / "manifest.json", manifest):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        write_json(work / "manifest.json", manifest)
-    elif log:
-        log(f"resuming the compression in {work}")
+    if main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)  # what killed in-memory runs left (this path's own work folder is resumed)
+        if not _same(work / "manifest.json", manifest):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            write_json(work / "manifest.json", manifest)
+        elif log:
+            log(f"resuming the compression in {work}")
+    dist.barrier()
     windows = windows.to(device)
     analysis = _load_analysis(work / "analysis.pt")
     if analysis is None:
@@ -379,34 +438,38 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
         if analysis is not None and log:
             log(f"dense statistics from {cached} (Fisher sums and allocation curves)")
         analysis = analysis or Analysis()
+        dist.barrier()  # every rank has read the caches before rank 0 writes them
         fisher_windows = windows[: d.fisher_windows]
         t0 = time.perf_counter()
-        stage("the Fisher pass")
+        stage("the Fisher pass", needs["the Fisher pass"])
         if s.needs_fisher and not analysis.fisher:
             # sequential: the curves come from the Fisher windows' dense inputs, as in the driver
             fisher_pass(layers, fisher_windows, analysis, s, curves_needed and s.sequential, progress)
         clock["statistics"] = time.perf_counter() - t0
         kill_point("statistics")
         t0 = time.perf_counter()
-        stage("the allocation curves")
+        stage("the allocation curves", needs["the allocation curves"])
         if curves_needed and not analysis.curves:
             curve_pass(layers, fisher_windows if s.sequential else windows, analysis, s, d.batch_size, progress)
-        if cached:
+        if cached and main:
             torch_save(Analysis(analysis.fisher, analysis.curves).pack(), cached)
         for m in matrices:
             m.curve = analysis.curves.get(m.path)
         analysis.ranks = assign_ranks(matrices, arch, s)
         clock["allocation"] = time.perf_counter() - t0
-        torch_save(analysis.pack(), work / "analysis.pt")
+        if main:
+            torch_save(analysis.pack(), work / "analysis.pt")
     ranks = analysis.ranks
     t0 = time.perf_counter()
-    stage("the factorization")
+    stage("the factorization", needs["the factorization"])
     _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
     layers.release_all()  # before the assembly and the caller's measurements load their own copies
     kept = {p: r for p, r in ranks.items() if r != DENSE}
     result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
-    stage("the save")
+    if not main:
+        return result
+    stage("the save", needs["the save"])
     _assemble(model, reader, tokenizer, kept, dtype, work)
     result.seconds["total"] = time.perf_counter() - started
     _write_extra(work, finish(work, result) if finish else {})
@@ -471,46 +534,65 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
     from ..checkpoint.hf.modeling_vac import replace_with_low_rank
     from ..models.layers import make_low_rank
 
-    stream, arch, model = layers.stream, layers.arch, layers.model
-    batches = list(windows.split(batch_size))
-    hidden = [stream.embed(b) for b in batches]
+    stream, arch, model, me, keep = layers.stream, layers.arch, layers.model, dist.world()[0], layers.keep
+    batches = list(dist.share(windows).split(batch_size))
+    hidden = keep(stream.embed(b) for b in batches)
+    done = {i for i in range(len(layers)) if _layer_file(work, i).is_file()}  # before any rank writes
     bar = tqdm(range(len(layers)), desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
     for i in bar:
         prefix = arch.layer_path(i) + "."
         todo = {p: r for p, r in analysis.ranks.items() if p.startswith(prefix) and r != DENSE}
         shard = _layer_file(work, i)
         layer = layers.load(i)  # dense, from the source
-        if shard.is_file() and s.sequential:  # written before a kill: pass the stored layer
+        if i in done and s.sequential:  # written before a kill: pass the stored layer
             replace_with_low_rank(model, todo)
             _load_stored(layers, i, shard)
-            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
-        elif shard.is_file():
-            hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
+            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
+        elif i in done:
+            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
         else:
             inputs: dict = {}
             handles = input_hooks(layers.stream, i, inputs) if s.needs_inputs else []
             try:
-                outputs = [stream.layer(i, h, b) for h, b in zip(hidden, batches)] if handles or not s.sequential else None
+                outputs = None if s.sequential else keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
+                for h, b in zip(hidden, batches) if s.sequential and handles else ():
+                    stream.layer(i, h, b)  # for the statistics only: the windows pass the factorized layer below
             finally:
                 for handle in handles:
                     handle.remove()
-            for path, rank in todo.items():
-                dense = model.get_submodule(path)
-                w = strategy_weighting(s, inputs.get(path), analysis.fisher.get(path))
-                up, down = w.factors(*decompose(dense.weight, w), rank)
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent), name, make_low_rank(dense, up, down))
+            dist.reduce_inputs(inputs)
+            for j, (path, rank) in enumerate(todo.items()):  # this rank's share of the matrices
+                stats = _pop(inputs, path)
+                if dist.owner(j) == me:
+                    w = strategy_weighting(s, stats, analysis.fisher.get(path))
+                    up, down = w.factors(*decompose(model.get_submodule(path).weight, w), rank)
+                    del w
+                    _replace(model, path, make_low_rank(model.get_submodule(path), up, down))
+                    del up, down
+                del stats
             inputs.clear()
+            for j, path in enumerate(todo if dist.world()[1] > 1 else ()):  # the other ranks' factors
+                m = model.get_submodule(path)
+                got = dist.broadcast({"up": m.up.weight, "down": m.down.weight} if dist.owner(j) == me else None,
+                                     dist.owner(j), layers.device)
+                if dist.owner(j) != me:
+                    _replace(model, path, make_low_rank(m, got["up"], got["down"]))
             tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
-            atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
-            if s.sequential:
-                if dtype != torch.float32:
-                    _load_stored(layers, i, shard)
-                hidden = [stream.layer(i, h, b) for h, b in zip(hidden, batches)]
-            else:
-                hidden = outputs  # the next layer's statistics come from dense inputs
+            if me == 0:
+                atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+            if s.sequential and dtype != torch.float32:  # the windows pass the layer as stored
+                for name, t in tensors.items():
+                    _set(layers.model, name, t.float(), layers.device)
+            del tensors
+            # sequential: the next layer's statistics come from compressed inputs, otherwise dense ones
+            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
         layers.release(i)
         kill_point("sequential")
+
+
+def _replace(model, path: str, module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
 
 
 def _load_stored(layers: Layers, i: int, shard: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from ..checkpoint import as_vac_model
 from ..checkpoint.hf.modeling_vac import LowRankLinear
 from ..errors import VacError
 
-__all__ = ["LowRankLinear", "factorize_", "svd_factors", "low_rank_params", "max_useful_rank"]
+__all__ = ["LowRankLinear", "factorize_", "svd_factors", "low_rank_params", "max_useful_rank", "restored", "applied"]
 
 # (weight [out, in], rank) -> (up [out, r], down [r, in])
 FactorFn = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -69,3 +70,34 @@ def factorize_(model: nn.Module, ranks: Mapping[str, int], factors: FactorFn | N
         up, down = factors(path, dense.weight, int(rank))
         setattr(model.get_submodule(parent_path), name, make_low_rank(dense, up, down))
     return as_vac_model(model)
+
+
+@contextmanager
+def restored(model: nn.Module):
+    """Inside the block ``model`` may be compressed in place (linears replaced, class and config turned
+    into vac's); on exit it is the dense model again, and the yielded dict holds the modules the block
+    put in, by path, for :func:`applied`. Scoring a candidate this way needs the candidate's factors,
+    not a copy of the model (``copy.deepcopy`` per candidate was the search's memory)."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    cls, config = model.__class__, model.config
+    taken: dict[str, nn.Module] = {}
+    try:
+        yield taken
+    finally:
+        for path, dense in linears.items():
+            parent, _, name = path.rpartition(".")
+            now = model.get_submodule(path)
+            if now is not dense:
+                taken[path] = now
+                setattr(model.get_submodule(parent), name, dense)
+        model.__class__, model.config = cls, config
+
+
+@contextmanager
+def applied(model: nn.Module, modules: Mapping[str, nn.Module]):
+    """``model`` with ``modules`` (from :func:`restored`) in place inside the block, dense again after."""
+    with restored(model):
+        for path, module in modules.items():
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, module)
+        yield as_vac_model(model)

@@ -116,6 +116,19 @@ def resolve_model(spec: str | None) -> str:
     return spec  # a hub id, left to transformers
 
 
+def hub_snapshot(repo_id: str) -> str:
+    """A local folder of hub model ``repo_id`` (``huggingface_hub.snapshot_download``: weights as
+    safetensors, configs, tokenizer), for the layer-streamed compression to read shard by shard."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt",
+                                                          "*.py"])
+    except Exception as exc:  # offline, unknown repo, gated model: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VacError(f"cannot download hub model '{repo_id}': {first}") from exc
+
+
 def load_model(spec: str | None, *, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for an embedded name, a local folder (dense or vac) or a hub id."""
     from .. import checkpoint

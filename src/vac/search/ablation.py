@@ -22,6 +22,7 @@ from ..core.evaluate import perplexity
 from ..data.windows import eval_windows, sample_windows
 from ..errors import VacError
 from ..models.families import arch_for
+from ..models.layers import applied
 from ..models.zoo import resolve_model
 from .run import log_stderr
 from .scoring import full_compress, search_statistics
@@ -79,12 +80,15 @@ def run_ablation(setup: SearchSetup, out: Path | str, progress: bool = True,
         key = json.dumps(cfg.strategy.to_dict(), sort_keys=True)
         if key not in doc["results"]:
             t0 = time.perf_counter()
-            net, result = full_compress(model, calib, seq_stats, cfg, step_cost)
-            entry = {"config": cfg.strategy.to_dict(), "ratio_reached": result.ratio, "params_after": result.params_after,
-                     "component_ratio": reached_ratios(matrices_of(model), arch_for(model), result.ranks),
-                     "search_ppl": perplexity(net, search_w, progress=False)["ppl"],
-                     "eval_ppl": perplexity(net, eval_w, progress=False)["ppl"] if eval_w is not None else None,
-                     "seconds": time.perf_counter() - t0}
+            modules, result = full_compress(model, calib, seq_stats, cfg, step_cost)
+            with applied(model, modules) as net:
+                entry = {"config": cfg.strategy.to_dict(), "ratio_reached": result.ratio,
+                         "params_after": result.params_after,
+                         "component_ratio": reached_ratios(matrices_of(model), arch_for(model), result.ranks),
+                         "search_ppl": perplexity(net, search_w, progress=False)["ppl"],
+                         "eval_ppl": perplexity(net, eval_w, progress=False)["ppl"] if eval_w is not None else None,
+                         "seconds": time.perf_counter() - t0}
+            del modules
             doc["results"][key] = entry
             write_json(path, doc)
             log(f"ablation {study} = {setting}: search PPL {entry['search_ppl']:.3f}"

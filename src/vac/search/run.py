@@ -51,8 +51,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ..atomic import atomic_write, check_output, write_json
 from ..config import DataConfig, StrategyConfig
 from ..core.driver import check_budget, sequential_passes
@@ -61,6 +59,7 @@ from ..data.windows import eval_windows, sample_windows
 from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
+from ..models.layers import applied
 from ..models.zoo import resolve_model
 from .scoring import (
     FactorCache,
@@ -130,7 +129,7 @@ class _Run:
         self.factors = FactorCache(self.cache, self.model, self.proxy_stats)
         self.scorer = ProxyScorer(self.model, self.search_windows, setup, self.factors)
         self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup))
-        self.models: dict[str, torch.nn.Module] = {}  # compressed full models kept for the eval scoring
+        self.models: dict[str, dict] = {}  # the modules of compressed full models kept for the eval scoring
         self.pool = None
 
     # state ---------------------------------------------------------------------------------------
@@ -167,9 +166,10 @@ class _Run:
             return self.state["full"][key]
         t0 = time.perf_counter()
         cfg = g.config(self.setup, full=True)
-        net, result = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
+        modules, result = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
         t1 = time.perf_counter()
-        ppl = perplexity(net, self.search_windows, progress=False)["ppl"]
+        with applied(self.model, modules) as net:
+            ppl = perplexity(net, self.search_windows, progress=False)["ppl"]
         t2 = time.perf_counter()
         entry = {"genome": g.to_dict(), "score": finite(ppl), "params_after": result.params_after,
                  "ratio_reached": result.ratio, "seconds": t2 - t0}
@@ -179,7 +179,7 @@ class _Run:
             timing.update(full_compress_s=t1 - t0, search_ppl_s=t2 - t1,
                           full_passes=result.recompute[0], pass_s=result.recompute[1] / max(result.recompute[0], 1))
         if keep:
-            self.models[key] = net
+            self.models[key] = modules
         self.save()
         return entry
 
@@ -314,11 +314,12 @@ class _Run:
         winner = Genome.from_dict(best["genome"])
         for g in dict.fromkeys([winner, self.default]):
             if self.eval_windows is not None and g.full_key() not in state["eval"]:
-                net = self.models.get(g.full_key())
-                if net is None:
+                modules = self.models.get(g.full_key())
+                if modules is None:
                     cfg = g.config(setup, full=True)
-                    net, _ = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
-                state["eval"][g.full_key()] = perplexity(net, self.eval_windows, progress=False)["ppl"]
+                    modules, _ = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
+                with applied(self.model, modules) as net:
+                    state["eval"][g.full_key()] = perplexity(net, self.eval_windows, progress=False)["ppl"]
                 self.save()
         self.models.clear()
         return self._write_outputs(winner, candidates)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from ..core.driver import compress, fisher_part, input_part
 from ..core.evaluate import perplexity
 from ..core.methods import decompose, tail_energy, weighting
 from ..models.families import arch_for
-from ..models.layers import factorize_, max_useful_rank
+from ..models.layers import factorize_, max_useful_rank, restored
 from .space import Genome, SearchSetup, assert_budget, max_step
 
 # ----------------------------------------------------------------------------- caches
@@ -142,19 +141,16 @@ class ProxyScorer:
         assert_budget(sum(m.dense_params for m in matrices), total_params(matrices, ranks), s, self.step_cost)
         return cfg, ranks
 
-    def compressed(self, genome: Genome):
-        """A compressed copy of the model under the proxy, and its rank map."""
+    def score(self, genome: Genome) -> dict:
+        """The genome's proxy perplexity: the model truncated in place from the cached factors, scored,
+        and dense again (no copy of the model)."""
+        t0 = time.perf_counter()
         _, ranks = self.allocation(genome)
         factors = self.factors.get(genome.method, genome.exponent)
-        net = copy.deepcopy(self.model)
-        factorize_(net, {p: r for p, r in ranks.items() if r != DENSE},
-                   lambda path, _w, r: (factors[path][0][:, :r], factors[path][1][:r]))
-        return net, ranks
-
-    def score(self, genome: Genome) -> dict:
-        t0 = time.perf_counter()
-        net, ranks = self.compressed(genome)
-        ppl = perplexity(net, self.windows, progress=False)["ppl"]
+        with restored(self.model):
+            factorize_(self.model, {p: r for p, r in ranks.items() if r != DENSE},
+                       lambda path, _w, r: (factors[path][0][:, :r], factors[path][1][:r]))
+            ppl = perplexity(self.model, self.windows, progress=False)["ppl"]
         after = total_params(self.matrices, ranks)
         return {"score": finite(ppl), "params_after": after,
                 "ratio_reached": sum(m.dense_params for m in self.matrices) / after,
@@ -178,8 +174,10 @@ def worker_score(genome: dict) -> dict:
 
 
 def full_compress(model, calib: torch.Tensor, stats: Statistics, cfg: CompressConfig, step_cost: int):
-    """A compressed copy of ``model`` under ``cfg`` (what ``vac compress`` does) and its Result."""
-    net = copy.deepcopy(model)
-    result = compress(net, calib, cfg, progress=False, stats=stats)
+    """``(modules, result)``: ``model`` compressed under ``cfg`` (what ``vac compress`` does) as the
+    modules that replace its linears (score them with :func:`vac.models.layers.applied`) and the
+    Result; ``model`` is dense again afterwards."""
+    with restored(model) as modules:
+        result = compress(model, calib, cfg, progress=False, stats=stats)
     assert_budget(result.params_before, result.params_after, cfg.strategy.resolved(), step_cost)
-    return net, result
+    return modules, result

@@ -1,0 +1,94 @@
+"""How much memory each stage of a streamed compression needs, from the model's shapes and the config.
+
+The same arithmetic as docs/scale.md, written once: the out-of-memory line of ``vac compress`` names
+the bytes of the stage it failed in, and ``benchmarks/scale.py`` prints the plan beside the measured
+peak. The terms follow the code of :mod:`vac.core.stream`: what stays loaded (embeddings, head, one
+decoder layer in fp32), the hidden states a pass keeps, one layer's fp64 input statistics, and the
+transient work of the largest matrix (its Cholesky factor and working copy, the weighted matrix and
+its SVD). Estimates, not guarantees: the allocator and the interpreter add a few hundred MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.families import Arch
+
+FP32, FP64 = 4, 8
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan reads from a model: hidden size, vocabulary, layer count, head tying, and one
+    decoder layer's linears as ``name -> (out, in)`` (groups of linears sharing one input from ``arch``)."""
+
+    hidden: int
+    vocab: int
+    layers: int
+    tied: bool
+    linears: dict[str, tuple[int, int]]
+    other_params: int  # per layer, outside the linears (norms)
+    arch: Arch
+
+    @classmethod
+    def of(cls, config, arch: Arch, shape_of) -> "Shapes":
+        """From a transformers config and ``shape_of(name) -> (out, in)`` of layer 0's linears."""
+        linears = {name: tuple(shape_of(f"{arch.layer_path(0)}.{name}")) for name in arch.linears}
+        return cls(config.hidden_size, config.vocab_size, config.num_hidden_layers,
+                   bool(getattr(config, "tie_word_embeddings", False)), linears, 4 * config.hidden_size, arch)
+
+    def layer_params(self) -> int:
+        return sum(o * i for o, i in self.linears.values()) + self.other_params
+
+    def group_inputs(self) -> list[int]:
+        return [self.linears[group[0]][1] for group in self.arch.groups if group[0] in self.linears]
+
+
+def _math(shapes: Shapes, full_svd: bool) -> int:
+    """Peak bytes of one layer's statistics and factorization math, following the streamed passes: the
+    groups are done in order and each group's XᵀX is freed after its last matrix; whitening turns the
+    XᵀX into its Cholesky working copy and adds the factor; the weighted matrix is built in fp64 (two
+    copies at once) and decomposed (``svdvals``: ~2 k² of LAPACK work; the SVD: U, Vᵀ and ~4 k²)."""
+    groups = [g for g in shapes.arch.groups if g[0] in shapes.linears]
+    remaining = sum(shapes.linears[g[0]][1] ** 2 for g in groups) * FP64
+    peak = 0
+    for group in groups:
+        n_in = shapes.linears[group[0]][1]
+        factor = n_in * n_in * FP64
+        peak = max(peak, remaining + factor)  # the Cholesky: XᵀX (working copy) + factor
+        remaining -= factor  # the working copy is dropped once the factor exists
+        for name in group:
+            m, n = shapes.linears[name]
+            k = min(m, n)
+            svd = (m * k + k * n + 4 * k * k) if full_svd else 2 * k * k
+            peak = max(peak, remaining + factor + (2 * m * n + svd) * FP64)
+    return peak
+
+
+def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int) -> dict[str, int]:
+    """Bytes needed by each stage of :func:`vac.core.stream.stream_compress` (its peak, without the
+    interpreter and libraries, about 0.5 GiB)."""
+    h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
+    resident = v * h * FP32 * (1 if shapes.tied else 2) + layer * FP32  # embeddings, head, one layer
+    boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
+    inner = max(o for o, _ in shapes.linears.values())  # widest activation inside a layer
+    acts = seq_len * (4 * inner + 8 * h) * FP32  # one window's activations inside a layer
+    stats = sum(n * n * FP64 for n in shapes.group_inputs())
+    m, n = max(shapes.linears.values(), key=lambda s: s[0] * s[1])
+    grad = m * n * (FP32 + 2 * FP64)  # one weight's gradient, its fp64 square (the others are reduced)
+    logits = 3 * seq_len * v * FP32  # logits, softmax, gradient: one window at a time
+    compressed = layer * FP32 // 2  # the factors of the layer being built, beside the dense layer
+    return {
+        "the Fisher pass": resident + fisher_windows * boundary * (shapes.layers + 2)
+        + max(logits, stats + grad + acts, _math(shapes, full_svd=False)),
+        "the allocation curves": resident + 2 * windows * boundary + batch_size * acts
+        + max(stats, _math(shapes, full_svd=False)),
+        "the factorization": resident + 2 * windows * boundary + batch_size * acts + compressed
+        + max(stats, _math(shapes, full_svd=True)),
+        "the save": resident + layer * FP32,
+    }
+
+
+def human(n: int) -> str:
+    """``n`` bytes as GiB (one decimal) from 1 GiB up, as MiB below."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
