@@ -25,6 +25,7 @@ from vac.config import DEFAULT_MODEL, DEFAULT_SEARCH, CompressConfig, DataConfig
 from vac.core.allocate import matrices_of
 from vac.core.driver import compress
 from vac.core.evaluate import perplexity
+from vac.data.specs import for_decisions
 from vac.data.windows import eval_windows, sample_windows
 from vac.models.families import arch_for
 from vac.models.zoo import load_model, resolve_model
@@ -46,7 +47,7 @@ RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
 def main(variants, ratio=1.8, data=DEFAULT_SEARCH):
     base, tok = load_model(DEFAULT_MODEL)
     calib = sample_windows(tok, DATA.calib, DATA.seq_len, DATA.calib_windows, DATA.seed)
-    scored = eval_windows(tok, data, DATA.seq_len, 10)
+    scored = eval_windows(tok, for_decisions(data, "--data"), DATA.seq_len, 10)
     stats = cached_dense_statistics(base, calib, CompressConfig(  # the quality benchmark's shared statistics
         StrategyConfig(method="vac", sequential=False), DATA), resolve_model(DEFAULT_MODEL))
     for variant in variants:

@@ -1,8 +1,11 @@
 """Quality benchmark: held-out PPL of svd, fwsvd, asvd, whiten and vac at several ratios, one run.
 
-All methods share the same calibration windows and the same dense statistics; vac then recomputes
-its input statistics sequentially. Results are written after every entry and reused on rerun
-(resume), as JSON, a markdown table and a PNG of PPL vs ratio.
+Every entry is scored on several held-out texts of different kinds (``REPORT_EVALS``: a 19th-century
+novel, a modern technical book, and the GNU standards, which no calibration source resembles) and on
+chat fidelity (:mod:`vac.core.fidelity`: top-1 agreement with the dense model's greedy answers to
+held-out prompts, and the PPL of those answers). All methods share the same calibration windows and
+the same dense statistics; vac then recomputes its input statistics sequentially. Results are written
+after every entry and reused on rerun (resume), as JSON, markdown tables and a PNG of PPL vs ratio.
 
     .venv/bin/python benchmarks/quality.py            # full run (about an hour on 2 cores)
 """
@@ -18,9 +21,11 @@ from pathlib import Path
 
 from vac.atomic import write_json
 from vac.cache import cached_dense_statistics
-from vac.config import DEFAULT_MODEL, CompressConfig, DataConfig, EvalConfig, StrategyConfig
+from vac.config import DEFAULT_MODEL, REPORT_EVALS, CompressConfig, DataConfig, EvalConfig, StrategyConfig
 from vac.core.driver import compress
 from vac.core.evaluate import perplexity
+from vac.core.fidelity import chat_fidelity, reference_answers
+from vac.data.prompts import prompts
 from vac.data.windows import eval_windows, sample_windows
 from vac.models.zoo import load_model, resolve_model
 
@@ -35,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--calib", default=DataConfig.calib)
     ap.add_argument("--calib-windows", type=int, default=DataConfig.calib_windows)
     ap.add_argument("--fisher-windows", type=int, default=DataConfig.fisher_windows)
-    ap.add_argument("--eval", default=EvalConfig.data)
+    ap.add_argument("--eval", nargs="+", default=list(REPORT_EVALS), help="held-out texts (reporting only)")
     ap.add_argument("--eval-windows", type=int, default=EvalConfig.windows)
     ap.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
@@ -54,9 +59,15 @@ def main(argv=None):
 
     model, tok = load_model(args.model)
     calib = sample_windows(tok, args.calib, args.seq_len, args.calib_windows, seed=0)
-    held_out = eval_windows(tok, args.eval, args.seq_len, args.eval_windows)
+    held_out = {spec: eval_windows(tok, spec, args.seq_len, args.eval_windows) for spec in args.eval}
+    references = reference_answers(model, tok, prompts("eval"), source=resolve_model(args.model))
+
+    def scores(net) -> dict:
+        return {"ppl": {spec: perplexity(net, w, progress=False)["ppl"] for spec, w in held_out.items()},
+                "chat": chat_fidelity(net, references)}
+
     if result["dense"] is None:
-        result["dense"] = perplexity(model, held_out)
+        result["dense"] = scores(model)
         save(result, args.out)
     t0 = time.perf_counter()
     # dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached
@@ -74,9 +85,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             res = compress(student, calib, cfg, stats=shared)
             seconds = time.perf_counter() - t0
-            ppl = perplexity(student, held_out)
             s = cfg.strategy
-            entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, "ppl": ppl["ppl"],
+            entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, **scores(student),
                      "allocation": s.allocation, "sequential": s.sequential, "order": s.order,
                      "fisher_exponent": s.fisher_exponent, "attn_ratio": s.attn_ratio,
                      "params_after": res.params_after, "seconds": seconds}
@@ -98,19 +108,34 @@ def fmt(x: float) -> str:
 
 
 def write_table(result, path: Path):
+    """One PPL table per held-out text (with each method's ratio to whitening), and the chat table."""
     ratios = sorted({e["ratio"] for e in result["entries"]})
     methods = list(dict.fromkeys(e["method"] for e in result["entries"]))
-    cell = {(e["method"], e["ratio"]): e["ppl"] for e in result["entries"]}
-    s = result["setup"]
-    lines = [
-        f"Held-out PPL on `{s['eval']}` ({s['eval_windows']} x {s['seq_len']} tokens); dense "
-        f"{fmt(result['dense']['ppl'])}. Calibration: {s['calib_windows']} windows of `{s['calib']}`.",
-        "",
-        "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |",
-        "|---|" + "---|" * len(ratios),
-    ]
+    by = {(e["method"], e["ratio"]): e for e in result["entries"]}
+    s, dense = result["setup"], result["dense"]
+    head = ["| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    lines = [f"Calibration: {s['calib_windows']} windows of `{s['calib']}`; held-out texts {s['eval_windows']} x "
+             f"{s['seq_len']} tokens each (reporting only).", ""]
+    for spec in s["eval"]:
+        lines += [f"**`{spec}`** held-out PPL (dense {fmt(dense['ppl'][spec])}; in brackets: / whiten)", "", *head]
+        for m in methods:
+            cells = []
+            for r in ratios:
+                e, w = by.get((m, r)), by.get(("whiten", r))
+                cell = fmt(e["ppl"][spec]) if e else "-"
+                if e and w and m != "whiten":
+                    cell += f" ({e['ppl'][spec] / w['ppl'][spec]:.2f})"
+                cells.append(cell)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    chat = dense["chat"]
+    lines += [f"**Chat fidelity**: top-1 agreement with the dense model's greedy answers to {chat['prompts']} "
+              f"held-out prompts ({chat['tokens']} answer tokens); in brackets the PPL of those answers "
+              f"(dense {chat['answer_ppl']:.2f})", "", *head]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(fmt(cell[(m, r)]) if (m, r) in cell else "-" for r in ratios) + " |")
+        lines.append(f"| {m} | " + " | ".join(
+            f"{by[(m, r)]['chat']['top1_agreement']:.1%} ({fmt(by[(m, r)]['chat']['answer_ppl'])})"
+            if (m, r) in by else "-" for r in ratios) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -120,15 +145,18 @@ def plot(result, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(e["method"] for e in result["entries"]):
-        pts = sorted((e["ratio"], e["ppl"]) for e in result["entries"] if e["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.axhline(result["dense"]["ppl"], color="grey", ls="--", label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("compression ratio of decoder linears")
-    ax.set_ylabel("held-out PPL (log)")
-    ax.legend()
+    specs = result["setup"]["eval"]
+    fig, axes = plt.subplots(1, len(specs), figsize=(5 * len(specs), 4), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        for m in dict.fromkeys(e["method"] for e in result["entries"]):
+            pts = sorted((e["ratio"], e["ppl"][spec]) for e in result["entries"] if e["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.axhline(result["dense"]["ppl"][spec], color="grey", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_title(spec)
+        ax.set_xlabel("compression ratio of decoder linears")
+        ax.set_ylabel("held-out PPL (log)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

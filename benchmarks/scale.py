@@ -106,14 +106,15 @@ def plan(source: Path) -> dict:
 
 def table(doc: dict) -> str:
     """The README's markdown table of results/scale.json."""
-    lines = ["| layers | mode | peak RSS | target | wall | statistics + curves | factorization / layer | source → output on disk |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layers | mode | peak RSS | memory model | target | wall | statistics + curves | factorization / layer | source → output on disk |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(doc["runs"].values(), key=lambda r: (r["layers"], r["mode"])):
         if row.get("returncode") != 0:
-            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | | |")
+            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | | | |")
             continue
         target = f"{row['plan']['target_gib']:.2f} GiB" if "plan" in row else "-"
-        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {target} | {row['wall_s'] / 60:.1f} min | "
+        model = f"{max(row['plan']['stages_gib'].values()):.2f} GiB" if "plan" in row else "-"
+        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {model} | {target} | {row['wall_s'] / 60:.1f} min | "
                      f"{(row['seconds']['statistics'] + row['seconds']['allocation']) / 60:.1f} min | "
                      f"{row['factorization_s_per_layer'] / 60:.1f} min | "
                      f"{row['source_disk_gib']:.2f} → {row['out_disk_gib']:.2f} GiB |")

@@ -347,6 +347,29 @@ def test_read_austen_joins_lines(tmp_path: Path) -> None:
     assert docs["Persuasion"] == "PERSUASION\n\n\nChapter 1\n"
 
 
+def test_read_handbook_follows_the_table_of_contents(tmp_path: Path) -> None:
+    """Chapters in TOC order, each with its section pages; only DocBook paragraphs, no listings or
+    index terms; entities decoded."""
+    toc = ('<span class="chapter"><a href="intro.html">1. Intro</a></span>'
+           '<span class="section"><a href="sect.a.html">1.1</a></span>'
+           '<span class="section"><a href="sect.a.html#x">1.1.1</a></span>'
+           '<span class="appendix"><a href="extra.html">A. Extra</a></span>')
+    (tmp_path / "index.html").write_text(toc)
+    (tmp_path / "intro.html").write_text('<h1>Intro</h1><div class="para">Debian is <em>free</em>\n  software.</div>'
+                                        '<pre>$ apt-get install x</pre>')
+    (tmp_path / "sect.a.html").write_text('<div class="para">Use <div class="x">nested</div> text &amp; more.'
+                                         '<pre>code</pre></div><p>not a para</p>')
+    (tmp_path / "extra.html").write_text('<div class="para">Last “one”.</div>')
+    docs = corpora.read_handbook(tmp_path)
+    assert docs == {"intro": "Debian is free software.\n\nUse nested text & more.\n", "extra": "Last “one”.\n"}
+
+
+def test_read_gnu_standards(tmp_path: Path) -> None:
+    for doc in corpora.GNU_DOCS:
+        (tmp_path / f"{doc}.text.gz").write_bytes(gzip.compress(f"  {doc} text\n\n".encode()))
+    assert corpora.read_gnu_standards(tmp_path) == {"standards": "standards text\n", "maintain": "maintain text\n"}
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -356,7 +379,8 @@ def test_splits_are_disjoint_and_cover_the_corpus(name: str) -> None:
     assert set(splits) == set(SPLITS)
     ids = [doc for split in SPLITS for doc in splits[split]]
     assert len(ids) == len(set(ids)) and set(ids) == set(DOC_IDS[name])
-    assert all(splits[split] for split in SPLITS)
+    assert all(splits[split] for split in SPLITS if not (split == "calib" and name in corpora.EVAL_ONLY))
+    assert not (name in corpora.EVAL_ONLY and splits["calib"])
     for split in SPLITS:
         assert split_docs(name, split) == [d for d in DOC_IDS[name] if d in splits[split]]
     assert split_docs(name, None) == list(DOC_IDS[name])
@@ -411,6 +435,13 @@ def test_load_corpus_builds_once_then_reads_cache(vac_home: Path, monkeypatch: p
     (root / "manifest.json").write_text(json.dumps(manifest))
     load_corpus("austen")
     assert calls == ["austen", "austen"] and sorted(p.name for p in root.parent.iterdir()) == ["austen"]
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["reader"] == corpora.READERS.get("austen", 1)
+    manifest["reader"] = 0  # written by another version of the reader: rebuilt
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    load_corpus("austen")
+    assert calls == ["austen"] * 3
 
 
 def test_failed_build_leaves_no_cache(vac_home: Path) -> None:

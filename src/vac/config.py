@@ -18,9 +18,14 @@ from typing import Any
 from .errors import VacError
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_CALIB = "web-bible:calib+shakespeare:calib"
+# chosen on the search splits by benchmarks/calibration_mix.py (docs/defaults.md); a mix takes an equal
+# share of the windows from each part
+DEFAULT_CALIB = "web-bible:calib+shakespeare:calib+handbook:calib"
 DEFAULT_SEARCH = "austen:search"
 DEFAULT_EVAL = "austen:eval"
+# the held-out texts every quality figure is reported on: a novel, a modern technical book, and a kind of
+# text no calibration source has (the GNU standards); evaluation only, never a decision
+REPORT_EVALS = ("austen:eval", "handbook:eval", "gnu:eval")
 
 
 def _opt(default, help: str, **extra) -> Any:

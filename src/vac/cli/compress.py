@@ -96,3 +96,37 @@ def compress(
         ("time", f"{report['seconds']['total']:.0f} s"),
         ("peak RSS", f"{report['peak_rss_mb']:.0f} MB"),
     ]))
+
+
+@app.command("self-text")
+@friendly
+def self_text_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="embedded name or model folder (an instruct/chat model)"),
+    out_file: Path = typer.Option(..., "--out", help=".jsonl file to write (one {\"text\": ...} per conversation)"),
+    samples: int = typer.Option(8, min=1, help="sampled answers per built-in calib prompt"),
+    max_new_tokens: int = typer.Option(128, min=1, help="answer length limit in tokens"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out file"),
+):
+    """Write calibration text the dense model generates itself (its answers to the built-in calib
+    prompts, chat-formatted); mix it in with --calib SPEC+FILE."""
+    import shutil
+
+    from ..atomic import check_output
+    from ..data.selftext import cached_self_text
+    from ..errors import VacError
+    from ..models.zoo import load_model, resolve_model
+
+    if out_file.suffix != ".jsonl":
+        raise VacError(f"--out must be a .jsonl file, got {out_file}")
+    if out_file.exists() and not overwrite:
+        raise VacError(f"{out_file} already exists (pass --overwrite to replace it)")
+    check_output(out_file, {"model": model})
+    net, tok = load_model(model)
+    cached = cached_self_text(net, tok, resolve_model(model), samples, max_new_tokens, seed)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    shutil.copyfile(cached, tmp)
+    tmp.replace(out_file)
+    lines = sum(1 for _ in cached.open())
+    out.print(f"wrote {lines} conversations of {model} to {out_file}")

@@ -65,9 +65,11 @@ def _math(shapes: Shapes, full_svd: bool) -> int:
     return peak
 
 
-def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int) -> dict[str, int]:
+def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int,
+                offload: bool = False) -> dict[str, int]:
     """Bytes needed by each stage of :func:`vac.core.stream.stream_compress` (its peak, without the
-    interpreter and libraries, about 0.5 GiB)."""
+    interpreter and libraries, about 0.5 GiB); ``offload``: hidden states in files (``--offload-dir``),
+    one batch of them in memory."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
     resident = v * h * FP32 * (1 if shapes.tied else 2) + layer * FP32  # embeddings, head, one layer
     boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
@@ -78,12 +80,14 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     grad = m * n * (FP32 + 2 * FP64)  # one weight's gradient, its fp64 square (the others are reduced)
     logits = 3 * seq_len * v * FP32  # logits, softmax, gradient: one window at a time
     compressed = layer * FP32 // 2  # the factors of the layer being built, beside the dense layer
+    kept_fisher = 2 if offload else fisher_windows * (shapes.layers + 2)  # boundaries held by the Fisher pass
+    kept = 2 * min(batch_size, windows) if offload else 2 * windows  # hidden states in and out of a layer
     return {
-        "the Fisher pass": resident + fisher_windows * boundary * (shapes.layers + 2)
+        "the Fisher pass": resident + kept_fisher * boundary
         + max(logits, stats + grad + acts, _math(shapes, full_svd=False)),
-        "the allocation curves": resident + 2 * windows * boundary + batch_size * acts
+        "the allocation curves": resident + kept * boundary + batch_size * acts
         + max(stats, _math(shapes, full_svd=False)),
-        "the factorization": resident + 2 * windows * boundary + batch_size * acts + compressed
+        "the factorization": resident + kept * boundary + batch_size * acts + compressed
         + max(stats, _math(shapes, full_svd=True)),
         "the save": resident + layer * FP32,
     }

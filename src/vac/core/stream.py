@@ -24,12 +24,9 @@ settings resumes at the next unfinished layer and ends with the same checkpoint;
 into place only when complete. The numbers equal the in-memory path (:mod:`vac.core.driver`): same
 windows, batches, accumulation order and fp64 statistics.
 
-Memory at OLMo-3-7B shapes (hidden 4096, MLP 11008, vocab 100278, 32 layers), from this code: fp32
-embeddings + head 3.3 GB; one layer in fp32 0.81 GB (two during a layer swap); one layer's fp64 input
-statistics 1.37 GB; the SVD of the largest matrix (11008 × 4096, fp64) about 1.1 GB; hidden states of
-64 windows × 512 tokens at one boundary 0.54 GB (in and out); pass A keeps 16 windows × 512 tokens
-at all 33 boundaries on the host, 4.4 GB. Peak, for any number of layers: about 14 GB on a CPU-only
-machine; with ``--device cuda`` about 8 GB on the GPU and 7 GB on the host (docs/scale.md).
+Memory: :mod:`vac.core.memory` computes each stage's peak from the shapes and settings (the real 7B:
+about 10 GiB with the defaults, 8 GiB with ``--offload-dir``; docs/scale.md). Several processes
+(``torchrun``): :mod:`vac.core.distributed`.
 """
 
 from __future__ import annotations
@@ -414,7 +411,7 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
     needs = stage_bytes(Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
                         windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
-                        batch_size=d.batch_size)
+                        batch_size=d.batch_size, offload=layers.keep.folder is not None)
     main = dist.is_main()  # several ranks (vac.core.distributed): rank 0 alone writes files
     work = out.with_name(f".{out.name}.partial")
     key = _key(source, cfg, dtype, windows)

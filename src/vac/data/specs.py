@@ -128,6 +128,17 @@ def parse_spec(spec: str) -> list[Part]:
     return parts
 
 
+def for_decisions(spec: str, what: str = "the scored text") -> str:
+    """``spec``, refused (one line) when a part of it is a corpus's evaluation split or a whole corpus
+    (which contains it): defaults, hyperparameters and search decisions are made on calibration or
+    search splits, never on text that is reported as held out."""
+    for part in parse_spec(spec):
+        if part.kind == "corpus" and part.split in (None, "eval"):
+            raise VacDataError(f"{what} '{part.text}' holds an evaluation split; decisions are made on "
+                               f"{part.name}:search or {part.name}:calib")
+    return spec
+
+
 def read_source(spec: str) -> list[tuple[str, str]]:
     """Read the documents a data spec names, as ``[(doc_label, text)]``. Whitespace-only documents
     are skipped; a part with no text is an error."""

@@ -2,13 +2,15 @@
 
 Documents are tokenized one by one (no special tokens) and joined with the tokenizer's EOS token
 into one stream. Evaluation takes the first ``n`` non-overlapping windows of ``seq_len`` tokens in
-order; calibration takes ``n`` distinct non-overlapping windows at random positions (seeded).
+order; calibration takes ``n`` distinct non-overlapping windows at random positions (seeded), an equal
+share from each part of a mix ``a+b``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -57,7 +59,24 @@ def eval_windows(tokenizer, spec: str, seq_len: int, n: int | None = None) -> to
 
 
 def sample_windows(tokenizer, spec: str, seq_len: int, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` distinct non-overlapping windows at random slots of ``spec`` (deterministic per seed)."""
+    """``n`` distinct non-overlapping windows at random slots of ``spec`` (deterministic per seed).
+
+    A mix ``a+b+…`` takes an equal share of the windows from each part (the first ``n mod k`` parts
+    one more), so a small corpus is not drowned by a large one, then shuffles them (the first windows,
+    which the Fisher pass uses, come from every part)."""
+    from .specs import parse_spec
+
+    parts = [spec] if Path(spec).exists() else [part.text for part in parse_spec(spec)]
+    if len(parts) == 1:
+        return _sample(tokenizer, spec, seq_len, n, seed)
+    if n < len(parts):
+        raise VacError(f"{n} calibration windows cannot take a share of each of the {len(parts)} parts of '{spec}'")
+    counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+    windows = torch.cat([_sample(tokenizer, part, seq_len, c, seed + i) for i, (part, c) in enumerate(zip(parts, counts))])
+    return windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def _sample(tokenizer, spec: str, seq_len: int, n: int, seed: int) -> torch.Tensor:
     stream = token_stream(tokenizer, spec)
     slots = _slots(stream, seq_len)
     if n < 1 or slots < n:
