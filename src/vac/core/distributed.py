@@ -30,10 +30,15 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_env(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment); returns the
-    device of this rank (``cuda:LOCAL_RANK`` for a CUDA device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    """Join the process group torchrun describes (:func:`launched`); returns the device of this rank
+    (``cuda:LOCAL_RANK`` for a CUDA device)."""
+    if not launched() or not dist.is_available():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

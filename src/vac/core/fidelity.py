@@ -40,7 +40,8 @@ def reference_answers(model, tokenizer, prompts: tuple[str, ...], max_new_tokens
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops or None,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None
+                                 else tokenizer.pad_token_id)
             rows.append({"prompt": prompt, "prompt_ids": ids[0].tolist(), "answer_ids": out[0, ids.shape[1]:].tolist()})
         return {"answers": rows}
 

@@ -45,17 +45,23 @@ class Spilled(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, j):
+    def __getitem__(self, j: int):
         from safetensors.torch import load_file
 
-        if isinstance(j, slice):
-            return [self[k] for k in range(*j.indices(self.n))]
         if not -self.n <= j < self.n:
             raise IndexError(j)
         return load_file(self._file(j % self.n))["h"].to(self.device)
 
     def __del__(self):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def offload_folder(offload_dir: str | os.PathLike) -> Path:
+    """``offload_dir`` as a Path, refused (one line) when it is a file."""
+    base = Path(offload_dir)
+    if base.exists() and not base.is_dir():
+        raise VacError(f"--offload-dir {base} is a file, not a folder")
+    return base
 
 
 class Keeper:
@@ -65,9 +71,7 @@ class Keeper:
     def __init__(self, offload_dir: str | os.PathLike | None, device):
         self.device, self.folder = device, None
         if offload_dir is not None:
-            base = Path(offload_dir)
-            if base.exists() and not base.is_dir():
-                raise VacError(f"--offload-dir {base} is a file, not a folder")
+            base = offload_folder(offload_dir)
             base.mkdir(parents=True, exist_ok=True)
             self.folder = Path(tempfile.mkdtemp(prefix="vac-activations-", dir=base))
 

@@ -65,13 +65,16 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
 
     A local safetensors folder is compressed layer by layer (:mod:`vac.core.stream`: memory bounded
     by one decoder layer, resumable), a hub id from its downloaded snapshot; ``stream=False``, weights
-    that are not safetensors and the settings that stream cannot serve (``--correct``, non-monotone sequential orders) load the whole model (:mod:`vac.core.driver`).
+    that are not safetensors and the settings that stream cannot serve (``--correct``, non-monotone
+    sequential orders) load the whole model (:mod:`vac.core.driver`).
     ``dtype``: storage dtype of the checkpoint, ``fp32`` | ``bf16`` (default: the source's).
     ``offload_dir``: the streamed passes keep the calibration hidden states in files there.
     Under ``torchrun`` the streamed path shares the calibration across the ranks
     (:mod:`vac.core.distributed`); rank 0 returns the report, the others ``{}``."""
     from ..data.specs import check_disjoint
     from ..models.zoo import pick_device, resolve_model
+    from .distributed import init_from_env, launched
+    from .offload import offload_folder
     from .stream import streamable
 
     config = (config or CompressConfig()).resolved()
@@ -82,11 +85,10 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
     if out.exists() and not overwrite:
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
     check_output(out, {"model": model, "calibration data": d.calib, "evaluation data": evaluation.data})
-    if offload_dir is not None and Path(offload_dir).exists() and not Path(offload_dir).is_dir():
-        raise VacError(f"--offload-dir {offload_dir} is a file, not a folder")
+    if offload_dir is not None:
+        offload_folder(offload_dir)  # refused before any work
     check_disjoint([("calibration", d.calib, "evaluation", evaluation.data, "--calib or --eval", "")])
-    job = _Job(model, out, config, evaluation, dtype, command, progress, log, time.perf_counter())
-    job.offload_dir = offload_dir
+    job = _Job(model, out, config, evaluation, dtype, command, progress, log, time.perf_counter(), offload_dir)
     target = pick_device(device)
     source = resolve_model(model)
     why = streamable(config) if stream else "stream=False"
@@ -99,12 +101,8 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
     if why is None and not any(Path(source).glob("*.safetensors")):
         why = "weights that are not safetensors"
     if why is None:
-        from .distributed import init_from_env
-
         return job.streamed(source, init_from_env(target), stats_cache)
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched():
         raise VacError(f"several processes (torchrun) need the streamed compression, which does not serve {why}")
     if offload_dir is not None:
         raise VacError(f"--offload-dir needs the streamed compression, which does not serve {why}")
@@ -116,9 +114,10 @@ def compress_model(model: str, out: str | Path, config: CompressConfig | None = 
 class _Job:
     """One ``compress_model`` call: the two ways of running it share the report."""
 
-    def __init__(self, model, out, config, evaluation, dtype, command, progress, log, started):
+    def __init__(self, model, out, config, evaluation, dtype, command, progress, log, started, offload_dir=None):
         self.model, self.out, self.config, self.ev, self.dtype = model, out, config, evaluation, dtype
         self.command, self.progress, self.log, self.started = command, progress, log, started
+        self.offload_dir = offload_dir
 
     def streamed(self, source: str, target, stats_cache: bool) -> dict:
         from transformers import AutoConfig, AutoTokenizer

@@ -295,7 +295,7 @@ def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strat
                     for path, m in linears.items()]
         try:
             for j, w in enumerate(ws):
-                x = hidden[i][j].to(layers.device).requires_grad_(True)
+                x = hidden[i][j].to(dev).requires_grad_(True)
                 stream.layer(i, x, w).backward(grads[j])
                 grads[j] = x.grad
                 for path in linears:
@@ -564,7 +564,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
                     w = strategy_weighting(s, stats, analysis.fisher.get(path))
                     up, down = w.factors(*decompose(model.get_submodule(path).weight, w), rank)
                     del w
-                    _replace(model, path, make_low_rank(model.get_submodule(path), up, down))
+                    model.set_submodule(path, make_low_rank(model.get_submodule(path), up, down))
                     del up, down
                 del stats
             inputs.clear()
@@ -573,7 +573,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
                 got = dist.broadcast({"up": m.up.weight, "down": m.down.weight} if dist.owner(j) == me else None,
                                      dist.owner(j), layers.device)
                 if dist.owner(j) != me:
-                    _replace(model, path, make_low_rank(m, got["up"], got["down"]))
+                    model.set_submodule(path, make_low_rank(m, got["up"], got["down"]))
             tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
             if me == 0:
                 atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
@@ -585,11 +585,6 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
             hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
         layers.release(i)
         kill_point("sequential")
-
-
-def _replace(model, path: str, module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
 
 
 def _load_stored(layers: Layers, i: int, shard: Path) -> None:

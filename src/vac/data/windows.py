@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 
 from ..atomic import torch_save
 from ..cache import cache_dir, load_entry
 from ..errors import VacError
-from .specs import read_source
+from .specs import parse_spec, read_source
 
 
 def token_stream(tokenizer, spec: str) -> torch.Tensor:
@@ -64,9 +63,7 @@ def sample_windows(tokenizer, spec: str, seq_len: int, n: int, seed: int = 0) ->
     A mix ``a+b+…`` takes an equal share of the windows from each part (the first ``n mod k`` parts
     one more), so a small corpus is not drowned by a large one, then shuffles them (the first windows,
     which the Fisher pass uses, come from every part)."""
-    from .specs import parse_spec
-
-    parts = [spec] if Path(spec).exists() else [part.text for part in parse_spec(spec)]
+    parts = [part.text for part in parse_spec(spec)]
     if len(parts) == 1:
         return _sample(tokenizer, spec, seq_len, n, seed)
     if n < len(parts):

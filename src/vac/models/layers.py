@@ -85,11 +85,10 @@ def restored(model: nn.Module):
         yield taken
     finally:
         for path, dense in linears.items():
-            parent, _, name = path.rpartition(".")
             now = model.get_submodule(path)
             if now is not dense:
                 taken[path] = now
-                setattr(model.get_submodule(parent), name, dense)
+                model.set_submodule(path, dense)
         model.__class__, model.config = cls, config
 
 
@@ -98,6 +97,5 @@ def applied(model: nn.Module, modules: Mapping[str, nn.Module]):
     """``model`` with ``modules`` (from :func:`restored`) in place inside the block, dense again after."""
     with restored(model):
         for path, module in modules.items():
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, module)
+            model.set_submodule(path, module)
         yield as_vac_model(model)
