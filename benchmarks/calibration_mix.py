@@ -2,7 +2,7 @@
 
 Each candidate calibration spec compresses the embedded default at 1.8x with `vac compress`'s
 defaults (in memory, the same numbers as streamed); the compressed model is scored on the *search*
-split of every corpus that has one in ``SEARCH_TEXTS`` (a novel, a modern technical book, the GNU
+split of every corpus that has one in ``vac.config.DECISION_TEXTS`` (a novel, a modern technical book, the GNU
 maintainers' guide) and on chat fidelity to the dense model's answers to the ``search`` prompts. The
 figure of merit is the geometric mean of the PPL ratios compressed/dense over the texts. No
 evaluation split is read. Results → results/calibration_mix.json (resumable, one entry per spec).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vac import CompressConfig, compress
 from vac.atomic import write_json
-from vac.config import DEFAULT_MODEL
+from vac.config import DECISION_TEXTS, DEFAULT_MODEL
 from vac.core.evaluate import perplexity
 from vac.core.fidelity import chat_fidelity, reference_answers
 from vac.data.prompts import prompts
@@ -32,7 +32,6 @@ from vac.data.windows import eval_windows
 from vac.models.zoo import load_model, resolve_model
 
 RESULTS = Path(__file__).parent / "results" / "calibration_mix.json"
-SEARCH_TEXTS = ("austen:search", "handbook:search", "gnu:search")
 CANDIDATES = (
     "web-bible:calib+shakespeare:calib",  # the default before this benchmark
     "web-bible:calib+shakespeare:calib+handbook:calib",
@@ -49,11 +48,11 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=1.8)
     args = ap.parse_args(argv)
     doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    setup = {"texts": SEARCH_TEXTS, "windows": args.windows, "ratio": args.ratio, "model": DEFAULT_MODEL}
+    setup = {"texts": DECISION_TEXTS, "windows": args.windows, "ratio": args.ratio, "model": DEFAULT_MODEL}
     if doc.get("setup") != json.loads(json.dumps(setup)):
         doc = {"setup": setup, "dense": None, "entries": {}}
     model, tok = load_model(DEFAULT_MODEL)
-    windows = {t: eval_windows(tok, for_decisions(t), 512, args.windows) for t in SEARCH_TEXTS}
+    windows = {t: eval_windows(tok, for_decisions(t), 512, args.windows) for t in DECISION_TEXTS}
     refs = reference_answers(model, tok, prompts("search"), source=resolve_model(DEFAULT_MODEL))
 
     def scores(net) -> dict:
@@ -73,18 +72,18 @@ def main(argv=None):
         cfg = CompressConfig.of(ratio=args.ratio, calib=calib)
         compress(net, tok, cfg, source=resolve_model(DEFAULT_MODEL), progress=False)
         entry = scores(net) | {"seconds": time.perf_counter() - t0}
-        ratios = [entry["ppl"][t] / doc["dense"]["ppl"][t] for t in SEARCH_TEXTS]
+        ratios = [entry["ppl"][t] / doc["dense"]["ppl"][t] for t in DECISION_TEXTS]
         entry["geomean_ratio"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
         doc["entries"][spec] = entry
         write_json(RESULTS, doc)
         print(json.dumps({spec: entry}), file=sys.stderr, flush=True)
         del net
     best = min(doc["entries"], key=lambda k: doc["entries"][k]["geomean_ratio"])
-    print(f"{'calibration':60s} " + " ".join(f"{t:>16s}" for t in SEARCH_TEXTS) + "  geomean  chat top-1")
-    print(f"{'dense':60s} " + " ".join(f"{doc['dense']['ppl'][t]:16.2f}" for t in SEARCH_TEXTS))
+    print(f"{'calibration':60s} " + " ".join(f"{t:>16s}" for t in DECISION_TEXTS) + "  geomean  chat top-1")
+    print(f"{'dense':60s} " + " ".join(f"{doc['dense']['ppl'][t]:16.2f}" for t in DECISION_TEXTS))
     for spec, e in doc["entries"].items():
         mark = " *" if spec == best else ""
-        print(f"{spec:60s} " + " ".join(f"{e['ppl'][t]:16.2f}" for t in SEARCH_TEXTS)
+        print(f"{spec:60s} " + " ".join(f"{e['ppl'][t]:16.2f}" for t in DECISION_TEXTS)
               + f"  {e['geomean_ratio']:7.2f}  {e['chat']['top1_agreement']:.1%}{mark}")
 
 

@@ -3,8 +3,9 @@
 Every entry is scored on several held-out texts of different kinds (``REPORT_EVALS``: a 19th-century
 novel, a modern technical book, and the GNU standards, which no calibration source resembles) and on
 chat fidelity (:mod:`vac.core.fidelity`: top-1 agreement with the dense model's greedy answers to
-held-out prompts, and the PPL of those answers). All methods share the same calibration windows and
-the same dense statistics; vac then recomputes its input statistics sequentially. Results are written
+held-out prompts, and the PPL of those answers). All methods share the same calibration windows; each
+entry is what `vac compress --in-memory` computes for that method (its own dense statistics, cached
+per part; the same numbers as the streamed default). Results are written
 after every entry and reused on rerun (resume), as JSON, markdown tables and a PNG of PPL vs ratio.
 
     .venv/bin/python benchmarks/quality.py            # full run (about an hour on 2 cores)
@@ -20,11 +21,10 @@ import time
 from pathlib import Path
 
 from vac.atomic import write_json
-from vac.cache import cached_dense_statistics
 from vac.config import DEFAULT_MODEL, REPORT_EVALS, CompressConfig, DataConfig, EvalConfig, StrategyConfig
-from vac.core.driver import compress
 from vac.core.evaluate import perplexity
 from vac.core.fidelity import chat_fidelity, reference_answers
+from vac.core.run import in_memory_compress
 from vac.data.prompts import prompts
 from vac.data.windows import eval_windows, sample_windows
 from vac.models.zoo import load_model, resolve_model
@@ -69,13 +69,8 @@ def main(argv=None):
     if result["dense"] is None:
         result["dense"] = scores(model)
         save(result, args.out)
-    t0 = time.perf_counter()
-    # dense statistics (Fisher on the first windows, inputs on all) shared by every entry; cached
     data = DataConfig(calib=args.calib, calib_windows=args.calib_windows, fisher_windows=args.fisher_windows,
                       seq_len=args.seq_len)
-    shared = cached_dense_statistics(model, calib, CompressConfig(StrategyConfig(method="vac", sequential=False), data),
-                                     resolve_model(args.model))
-    stats_seconds = time.perf_counter() - t0
     for ratio in args.ratios:
         for method in args.methods:
             if (method, ratio) in done:
@@ -83,16 +78,17 @@ def main(argv=None):
             cfg = CompressConfig(StrategyConfig(ratio=ratio, method=method), data).resolved()
             student = copy.deepcopy(model)
             t0 = time.perf_counter()
-            res = compress(student, calib, cfg, stats=shared)
+            # what `vac compress --in-memory` runs: each method's own dense statistics (cached per part)
+            res = in_memory_compress(student, tok, cfg, calibration=calib, source=resolve_model(args.model),
+                                     progress=False)
             seconds = time.perf_counter() - t0
             s = cfg.strategy
             entry = {"method": method, "ratio": ratio, "ratio_reached": res.ratio, **scores(student),
                      "allocation": s.allocation, "sequential": s.sequential, "order": s.order,
-                     "fisher_exponent": s.fisher_exponent, "attn_ratio": s.attn_ratio,
+                     "fisher_exponent": s.fisher_exponent, "attn_ratio": s.attn_ratio, "refine": s.refine,
                      "params_after": res.params_after, "seconds": seconds}
             print(json.dumps(entry), file=sys.stderr, flush=True)
             result["entries"].append(entry)
-            result["shared_statistics_seconds"] = stats_seconds
             save(result, args.out)
             del student
     write_table(result, args.out.with_suffix(".md"))

@@ -92,13 +92,15 @@ def run(source: Path, out: Path, calib: Path, mode: str, extra: list[str] = ()) 
 def plan(source: Path) -> dict:
     """The memory model of vac.core.memory for this source at the benchmark's settings (GiB), and the
     issue's target: embeddings + head + 2 layers in fp32 + one layer's fp64 statistics + activations + 1 GB."""
+    from vac.config import StrategyConfig
     from vac.core.memory import FP32, FP64, Shapes, stage_bytes
     from vac.core.stream import skeleton
     from vac.models.families import arch_for
 
     model, reader = skeleton(source, "meta", load=False)
     shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
-    stages = stage_bytes(shapes, windows=8, seq_len=256, fisher_windows=2, batch_size=8)
+    stages = stage_bytes(shapes, windows=8, seq_len=256, fisher_windows=2, batch_size=8,
+                         refine=StrategyConfig().resolved().refine)  # what `vac compress` runs
     target = (2 * shapes.vocab * shapes.hidden * FP32 + 2 * shapes.layer_params() * FP32
               + sum(n * n * FP64 for n in shapes.group_inputs()) + 2 * 8 * 256 * shapes.hidden * FP32 + 10**9)
     return {"stages_gib": {k: v / 2**30 for k, v in stages.items()}, "target_gib": target / 2**30}

@@ -54,6 +54,6 @@ def test_entry_points_are_public():
 def test_resolving_defaults_returns_a_new_config():
     cfg = vac.StrategyConfig(method="vac")
     done = cfg.resolved()
-    assert cfg.allocation is None and done.allocation == "depth" and done is not cfg
+    assert cfg.allocation is None and done.allocation == "global" and done is not cfg
     with pytest.raises(Exception):
         cfg.ratio = 2.0  # frozen

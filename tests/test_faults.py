@@ -343,6 +343,7 @@ def test_out_of_memory_in_a_streamed_stage_says_how_much_it_needs(inputs, tmp_pa
     model, reader = stream_module.skeleton(inputs / "tiny", "meta", load=False)
     shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
     assert shapes.linears["mlp.down_proj"] == (model.config.hidden_size, model.config.intermediate_size)
-    needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8)["the factorization"]
+    needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8,
+                        refine="dense")["the factorization"]  # vac's default refinement
     assert result.exit_code == 2 and f"during the factorization, which needs about {human(needs)}" in line, line
     assert not (tmp_path / "out").exists()

@@ -104,7 +104,8 @@ def test_config_method_defaults():
         return StrategyConfig(**kw).resolved()
 
     vac = resolved(method="vac")
-    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("depth", True, True, True)
+    assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("global", True, True, True)
+    assert vac.refine == "dense" and StrategyConfig(method="vac", sequential=False).resolved().refine == "none"
     assert (vac.fisher_exponent, vac.attn_ratio) == (2 / 3, 1 + 2.5 * 0.8)  # attention 3x at --ratio 1.8
     assert resolved(method="fwsvd").fisher_exponent == 0.5 and resolved(method="whiten").attn_ratio is None
     assert resolved(method="vac", mlp_ratio=1.5).attn_ratio is None  # the free component gets the rest
@@ -207,7 +208,8 @@ def test_vac_sequential_differs_and_both_round_trip(tmp_path):
 def test_sequential_changes_exactly_the_layers_above_a_compressed_one(order):
     """Same (uniform) ranks; sequential statistics differ from dense ones only for a layer that has
     an already-compressed layer below it."""
-    seq_model, seq_result = run(config(method="vac", allocation="uniform", sequential=True, order=order))
+    seq_model, seq_result = run(config(method="vac", allocation="uniform", sequential=True, order=order,
+                                       refine="none"))  # the statistics alone
     par_model, par_result = run(config(method="vac", allocation="uniform", sequential=False, order=order))
     assert seq_result.ranks == par_result.ranks
     seq_w, par_w = decoder_weights(seq_model), decoder_weights(par_model)
@@ -234,7 +236,7 @@ def test_sequential_order_changes_the_result():
 @pytest.mark.parametrize("order", ["front-to-back", "middle-out", "back-to-front", "3,0,5,1,4,2"])
 def test_sequential_passes_counts_the_layer_passes_compress_reruns(order):
     """The search costs an order by ``sequential_passes``: it must count what ``compress`` re-runs."""
-    _, result = run(config(method="vac", allocation="uniform", order=order), layers=6)
+    _, result = run(config(method="vac", allocation="uniform", order=order, refine="none"), layers=6)
     assert result.recompute[0] == sequential_passes(layer_order(order, 6))
     assert result.recompute[1] > 0
 

@@ -10,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from vac.config import DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, REPORT_EVALS, DataConfig
+from vac.config import DECISION_TEXTS, DEFAULT_CALIB, DEFAULT_EVAL, DEFAULT_SEARCH, REPORT_EVALS, DataConfig
 from vac.data.specs import for_decisions
 from vac.errors import VacError
 from vac.search.space import SearchSetup
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-DECIDING = {"allocation_probe.py", "calibration_mix.py"}
+DECIDING = {"allocation_probe.py", "calibration_mix.py", "strategy_probe.py"}
 REPORTING_NAMES = {"DEFAULT_EVAL", "REPORT_EVALS", "EvalConfig"}
 # every corpus split named literally in each benchmark (reporting scripts may name eval splits)
 SPLITS_NAMED = {
     "allocation_probe.py": set(),
-    "calibration_mix.py": {"austen:search", "handbook:search", "gnu:search", "handbook:calib",
+    "strategy_probe.py": set(),
+    "calibration_mix.py": {"handbook:calib",
                            "web-bible:calib+shakespeare:calib",
                            "web-bible:calib+shakespeare:calib+handbook:calib", "handbook:calib+{self}",
                            "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
@@ -58,7 +59,8 @@ def test_split_names_of_each_benchmark(script):
 
 
 def test_defaults_decide_on_calibration_and_search_splits_only():
-    for spec in (DEFAULT_CALIB, DEFAULT_SEARCH, DataConfig().calib, SearchSetup().calib, SearchSetup().search_data):
+    for spec in (DEFAULT_CALIB, DEFAULT_SEARCH, DataConfig().calib, SearchSetup().calib, SearchSetup().search_data,
+                 *DECISION_TEXTS):
         assert for_decisions(spec) == spec
     assert DEFAULT_EVAL in REPORT_EVALS and all(spec.endswith(":eval") for spec in REPORT_EVALS)
 

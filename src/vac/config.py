@@ -23,8 +23,13 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CALIB = "web-bible:calib+shakespeare:calib+handbook:calib"
 DEFAULT_SEARCH = "austen:search"
 DEFAULT_EVAL = "austen:eval"
+# the held-out texts every default is decided on (their search splits: a novel, a modern technical book,
+# the GNU maintainers' guide); never an evaluation split
+DECISION_TEXTS = ("austen:search", "handbook:search", "gnu:search")
 # the held-out texts every quality figure is reported on: a novel, a modern technical book, and a kind of
 # text no calibration source has (the GNU standards); evaluation only, never a decision
+# refinement of each factorized layer (vac.core.refine): what its factors are fitted to
+REFINE_TARGETS = ("none", "own", "dense")
 REPORT_EVALS = ("austen:eval", "handbook:eval", "gnu:eval")
 
 
@@ -64,6 +69,11 @@ class StrategyConfig:
                                    flag="--sequential/--no-sequential")
     correct: bool = _opt(False, "sequential: fit the dense outputs from compressed inputs (experimental)",
                          flag="--correct/--no-correct")
+    refine: str | None = _opt(None, "fit each factorized layer's factors to the dense layer: none; own (the dense layer "
+                              "on the same compressed inputs); dense (the dense model's hidden states) "
+                              "[default: the method's]", choices="refine targets")
+    refine_steps: int = _opt(24, "Adam steps of the refinement per layer (one calibration batch each)", min=1)
+    refine_lr: float = _opt(3e-4, "learning rate of the refinement")
     order: str | tuple[int, ...] = _opt("front-to-back", "layer order of the sequential factorization, or a comma "
                                         "list of layer indices", cli_type=str, choices="orders")
     fisher_exponent: float | None = _opt(None, "tempering exponent of the Fisher information [default: the "
@@ -99,6 +109,10 @@ class StrategyConfig:
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                     for k, v in self.type_weights.items()):
                 raise VacError("type_weights must map matrix types (q, k, ...) to numbers")
+        if self.refine is not None and self.refine not in REFINE_TARGETS:
+            raise VacError(f"unknown refine target '{self.refine}'; choose {', '.join(REFINE_TARGETS)}")
+        if not self.refine_lr > 0:
+            raise VacError(f"--refine-lr must be positive, got {self.refine_lr:g}")
         if self.correct:
             spec = METHODS[self.method]
             if not spec.whitening or self.sequential is False:
@@ -111,11 +125,18 @@ class StrategyConfig:
 
         spec = METHODS[self.method]
         changes = {k: v for k, v in spec.defaults.items() if getattr(self, k) is None}
+        if self.refine is None and (self.correct or not changes.get("sequential", self.sequential)):
+            changes["refine"] = "none"  # the method refines sequential compressions without --correct only
         if self.attn_ratio is None and self.mlp_ratio is None and spec.attn_share is not None:
             changes["attn_ratio"] = attn_ratio_of(self.ratio, spec.attn_share)
         done = replace(self, **changes) if changes else self
         if done.correct and not done.sequential:
             raise VacError("--correct needs --sequential and a whitening method")
+        if done.refine != "none" and not done.sequential:
+            raise VacError(f"--refine {done.refine} needs --sequential (the layer is fitted on the inputs "
+                           "that passed the compressed layers below it)")
+        if done.refine != "none" and done.correct:
+            raise VacError("--refine and --correct do not combine (both fit the dense outputs); choose one")
         return done
 
     @property

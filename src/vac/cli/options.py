@@ -30,11 +30,13 @@ def _cli_type(f):
 
 def registry(name: str) -> dict:
     """The registry a field's ``choices`` metadata names."""
+    from ..config import REFINE_TARGETS
     from ..core.allocate import ALLOCATIONS
     from ..core.methods import METHODS
     from ..core.orders import ORDERS
 
-    return {"methods": METHODS, "allocations": ALLOCATIONS, "orders": ORDERS}[name]
+    return {"methods": METHODS, "allocations": ALLOCATIONS, "orders": ORDERS,
+            "refine targets": dict.fromkeys(REFINE_TARGETS)}[name]
 
 
 def help_text(f) -> str:

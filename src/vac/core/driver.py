@@ -204,7 +204,8 @@ def _advance(stream, cache: dict, i: int, batches, module_of, tally=None) -> lis
 
 
 def sequential_passes(order: list[int]) -> int:
-    """Decoder-layer passes ``_sequential`` re-runs (without ``correct``) to feed the layers in
+    """Decoder-layer passes ``_sequential`` re-runs (without ``correct`` or ``refine``, whose fit
+    hands over the refined layer's outputs) to feed the layers in
     ``order``: L − 1 front-to-back, about L²/3 middle-out (each step back up the stack re-runs every
     layer changed since). Mirrors its boundary cache; the search uses it to cost an order."""
     cache, remaining, passes = {0}, list(order), 0
@@ -227,35 +228,54 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
 
     With ``correct`` the same windows also pass through the original dense layers, and each
     matrix is fitted to reproduce its dense outputs from its compressed inputs (the cross term of
-    :class:`InputStats`), so errors of earlier layers are corrected, not only tolerated.
+    :class:`InputStats`), so errors of earlier layers are corrected, not only tolerated. With
+    ``refine`` each factorized layer's factors are then fitted to the dense layer's outputs
+    (:mod:`vac.core.refine`; target ``dense`` also keeps the dense stream).
     Boundary hidden states are cached while a later layer can start from them; compressed ones are
     dropped above each layer that changes. Front-to-back needs one cached boundary per stream;
     other orders recompute from the nearest valid boundary."""
+    from .refine import refine_layer
+
     s = cfg.strategy
     batches = list(windows.split(cfg.data.batch_size))
     with torch.no_grad():
         embedded = [stream.embed(b) for b in batches]
     compressed, dense, originals = {0: embedded}, {0: embedded}, {}
+    track_dense = s.correct or s.refine == "dense"
     remaining = list(order)
     bar = tqdm(order, desc=f"factorize ({s.method}, sequential)", unit="layer", disable=not progress)
     for i in bar:
         remaining.remove(i)
         hidden = _advance(stream, compressed, i, batches, lambda j: None, tally)
-        if s.correct:
+        if track_dense:
             dense_hidden = _advance(stream, dense, i, batches, lambda j: originals.get(j))
+        own = None  # the dense layer's outputs on the compressed inputs
+        if s.correct:
             layer_stats, dense[i + 1] = layer_pair_stats(stream, i, hidden, dense_hidden, batches)
+        else:
+            layer_stats, own = layer_input_stats(stream, i, hidden, batches)
+            if track_dense:
+                with torch.no_grad():
+                    dense[i + 1] = [stream.layer(i, h, b) for h, b in zip(dense_hidden, batches)]
+        target = {"own": own, "dense": dense.get(i + 1)}.get(s.refine)
+        if track_dense:
             starts = _starts(dense, remaining)
             dense = {b: h for b, h in dense.items() if b in starts.values()}
             originals[i] = stream.layers[i]
             # keep the dense original of a layer while a later dense pass goes through it
             originals = {k: copy.deepcopy(m) if k == i else m for k, m in originals.items()
                          if any(s <= k < j for j, s in starts.items())}
-        else:
-            layer_stats, _ = layer_input_stats(stream, i, hidden, batches)
         stats.inputs.update(layer_stats)
         factorize_layer(model, i, ranks, stats, cfg)
+        refined = None
+        if s.refine != "none":
+            refined = refine_layer(stream, i, hidden, target, batches, s.refine_steps, s.refine_lr, keep=list)
+        del own, target
         kill_point("sequential")
         for path in layer_stats:  # a factorized layer's statistics are not needed again
             stats.inputs.pop(path, None)
         valid = {b: h for b, h in compressed.items() if b <= i}
+        if refined is not None and refined.outputs is not None:  # the refined layer's outputs: boundary i + 1
+            valid[i + 1] = refined.outputs
+        del refined
         compressed = {b: h for b, h in valid.items() if b in _starts(valid, remaining).values()}

@@ -66,10 +66,10 @@ def _math(shapes: Shapes, full_svd: bool) -> int:
 
 
 def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int,
-                offload: bool = False) -> dict[str, int]:
+                offload: bool = False, refine: str = "none") -> dict[str, int]:
     """Bytes needed by each stage of :func:`vac.core.stream.stream_compress` (its peak, without the
     interpreter and libraries, about 0.5 GiB); ``offload``: hidden states in files (``--offload-dir``),
-    one batch of them in memory."""
+    one batch of them in memory; ``refine``: the refinement's target (:mod:`vac.core.refine`)."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
     resident = v * h * FP32 * (1 if shapes.tied else 2) + layer * FP32  # embeddings, head, one layer
     boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
@@ -82,13 +82,17 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     compressed = layer * FP32 // 2  # the factors of the layer being built, beside the dense layer
     kept_fisher = 2 if offload else fisher_windows * (shapes.layers + 2)  # boundaries held by the Fisher pass
     kept = 2 * min(batch_size, windows) if offload else 2 * windows  # hidden states in and out of a layer
+    # refinement: its targets (own: one boundary; dense: the dense stream's two), a batch's activations
+    # kept for the backward, and the factors' gradients and Adam moments
+    targets = {"none": 0, "own": 1, "dense": 2}[refine] * kept // 2 * boundary
+    fit = (2 * batch_size * acts + 3 * compressed) if refine != "none" else 0
     return {
         "the Fisher pass": resident + kept_fisher * boundary
         + max(logits, stats + grad + acts, _math(shapes, full_svd=False)),
         "the allocation curves": resident + kept * boundary + batch_size * acts
         + max(stats, _math(shapes, full_svd=False)),
-        "the factorization": resident + kept * boundary + batch_size * acts + compressed
-        + max(stats, _math(shapes, full_svd=True)),
+        "the factorization": resident + kept * boundary + targets + batch_size * acts + compressed
+        + max(stats, _math(shapes, full_svd=True), fit),
         "the save": resident + layer * FP32,
     }
 

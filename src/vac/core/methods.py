@@ -29,7 +29,7 @@ from ..errors import VacError
 from .calibrate import FisherStats, InputStats
 
 # defaults a method does not set itself: uniform ranks from dense statistics, FWSVD's √ of Fisher sums
-BASE_DEFAULTS = {"allocation": "uniform", "sequential": False, "fisher_exponent": 1 / 2}
+BASE_DEFAULTS = {"allocation": "uniform", "sequential": False, "fisher_exponent": 1 / 2, "refine": "none"}
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _whiten(inputs, fisher, exponent, alpha) -> Weighting:
 
 # vac's defaults and how they were chosen: docs/defaults.md
 @register_method("vac", needs=("inputs", "fisher"), whitening=True, attn_share=2.5,
-                 allocation="depth", sequential=True, fisher_exponent=2 / 3)
+                 allocation="global", sequential=True, fisher_exponent=2 / 3, refine="dense")
 def _vac(inputs, fisher, exponent, alpha) -> Weighting:
     return whitened(inputs, output_sensitivity(inputs, fisher).pow(exponent / 2))
 

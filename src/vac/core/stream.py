@@ -16,7 +16,9 @@ B. **Curves** (allocations that need them, when A did not produce them): a forwa
 C. **Allocation**: the knapsack over the curves (megabytes).
 D. **Factorization**, front to back: the calibration windows pass the layers in turn; each layer's
    statistics come from inputs that passed the compressed layers below it (sequential) or the dense
-   ones; the factorized layer is written to its own shard at once and the windows pass it as stored.
+   ones; with ``refine`` its factors are then fitted to the dense outputs (:mod:`vac.core.refine`;
+   target ``dense`` keeps the dense model's stream beside the compressed one); the factorized layer
+   is written to its own shard at once and the windows pass it as stored.
 
 Everything a pass produces is kept in a work folder beside the output (``.OUT.partial``): the analysis
 (Fisher sums, curves, ranks) and one shard per finished layer. A killed run rerun with the same
@@ -25,7 +27,7 @@ into place only when complete. The numbers equal the in-memory path (:mod:`vac.c
 windows, batches, accumulation order and fp64 statistics.
 
 Memory: :mod:`vac.core.memory` computes each stage's peak from the shapes and settings (the real 7B:
-about 10 GiB with the defaults, 8 GiB with ``--offload-dir``; docs/scale.md). Several processes
+about 11 GiB with the defaults, 9 GiB with ``--offload-dir``; docs/scale.md). Several processes
 (``torchrun``): :mod:`vac.core.distributed`.
 """
 
@@ -54,6 +56,7 @@ from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
 from .driver import Result
 from .memory import Shapes, stage_bytes
 from .methods import decompose, strategy_weighting, tail_energy
+from .refine import refine_layer
 
 WORK_FORMAT = "vac-stream/1"
 
@@ -411,7 +414,7 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
     needs = stage_bytes(Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
                         windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
-                        batch_size=d.batch_size, offload=layers.keep.folder is not None)
+                        batch_size=d.batch_size, offload=layers.keep.folder is not None, refine=s.refine)
     main = dist.is_main()  # several ranks (vac.core.distributed): rank 0 alone writes files
     work = out.with_name(f".{out.name}.partial")
     key = _key(source, cfg, dtype, windows)
@@ -534,6 +537,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
     stream, arch, model, me, keep = layers.stream, layers.arch, layers.model, dist.world()[0], layers.keep
     batches = list(dist.share(windows).split(batch_size))
     hidden = keep(stream.embed(b) for b in batches)
+    dense_hidden = hidden if s.refine == "dense" else None  # the dense model's stream, for its target
     done = {i for i in range(len(layers)) if _layer_file(work, i).is_file()}  # before any rank writes
     bar = tqdm(range(len(layers)), desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
     for i in bar:
@@ -541,6 +545,8 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
         todo = {p: r for p, r in analysis.ranks.items() if p.startswith(prefix) and r != DENSE}
         shard = _layer_file(work, i)
         layer = layers.load(i)  # dense, from the source
+        if dense_hidden is not None:
+            dense_hidden = keep(stream.layer(i, h, b) for h, b in zip(dense_hidden, batches))
         if i in done and s.sequential:  # written before a kill: pass the stored layer
             replace_with_low_rank(model, todo)
             _load_stored(layers, i, shard)
@@ -550,9 +556,12 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
         else:
             inputs: dict = {}
             handles = input_hooks(layers.stream, i, inputs) if s.needs_inputs else []
+            own = None  # the dense layer's outputs on the compressed inputs (refine target "own")
             try:
                 outputs = None if s.sequential else keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
-                for h, b in zip(hidden, batches) if s.sequential and handles else ():
+                if s.refine == "own":
+                    own = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
+                for h, b in zip(hidden, batches) if s.sequential and handles and own is None else ():
                     stream.layer(i, h, b)  # for the statistics only: the windows pass the factorized layer below
             finally:
                 for handle in handles:
@@ -574,6 +583,11 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
                                      dist.owner(j), layers.device)
                 if dist.owner(j) != me:
                     model.set_submodule(path, make_low_rank(m, got["up"], got["down"]))
+            refined = None
+            if s.refine != "none":  # every rank fits the same factors on its share of the windows
+                refined = refine_layer(stream, i, hidden, own if s.refine == "own" else dense_hidden, batches,
+                                       s.refine_steps, s.refine_lr, keep=keep if dtype == torch.float32 else None)
+            del own
             tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
             if me == 0:
                 atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
@@ -582,7 +596,11 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
                     _set(layers.model, name, t.float(), layers.device)
             del tensors
             # sequential: the next layer's statistics come from compressed inputs, otherwise dense ones
-            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
+            if refined is not None and refined.outputs is not None:  # the refined layer's, as stored (fp32)
+                hidden = refined.outputs
+            else:
+                hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
+            del refined
         layers.release(i)
         kill_point("sequential")
 
