@@ -15,29 +15,22 @@ results/strategy_probe.json (resumable, one entry per candidate).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import sys
-import time
 from pathlib import Path
 
-from vac import CompressConfig, compress
-from vac.atomic import write_json
-from vac.config import DECISION_TEXTS, DEFAULT_MODEL
-from vac.core.evaluate import perplexity
-from vac.core.fidelity import chat_fidelity, reference_answers
-from vac.data.prompts import prompts
-from vac.data.specs import for_decisions
-from vac.data.windows import eval_windows
-from vac.models.zoo import load_model, resolve_model
+from vac import CompressConfig
+from vac.config import DECISION_TEXTS
+from vac.search.decide import Decision
 
 RESULTS = Path(__file__).parent / "results" / "strategy_probe.json"
-CANDIDATES = (
-    {"refine": "none"},
-    {"refine": "own", "refine_steps": 24, "refine_lr": 1e-4},
-    {"refine": "dense", "refine_steps": 24, "refine_lr": 1e-4},
-    {"refine": "own", "refine_steps": 24, "refine_lr": 3e-4},
+CANDIDATES = (  # what results/strategy_probe.json holds, over today's defaults
+    {"allocation": "depth", "refine": "none", "refine_lr": 1e-4},  # the defaults before
+    {"allocation": "depth", "refine": "none", "correct": True},
+    {"allocation": "depth", "refine": "own"},
+    {"allocation": "depth", "refine": "own", "refine_lr": 1e-3},
+    {"allocation": "depth"},
+    {"refine": "own"},
+    {},
 )
 
 
@@ -51,37 +44,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.table:
         return table(json.loads(RESULTS.read_text()))
-    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    setup = {"texts": DECISION_TEXTS, "windows": args.windows, "ratio": args.ratio, "model": DEFAULT_MODEL}
-    if doc.get("setup") != json.loads(json.dumps(setup)):
-        doc = {"setup": setup, "dense": None, "entries": {}}
-    model, tok = load_model(DEFAULT_MODEL)
-    windows = {t: eval_windows(tok, for_decisions(t), 512, args.windows) for t in DECISION_TEXTS}
-    refs = reference_answers(model, tok, prompts("search"), source=resolve_model(DEFAULT_MODEL))
-
-    def scores(net) -> dict:
-        return {"ppl": {t: perplexity(net, w, progress=False)["ppl"] for t, w in windows.items()},
-                "chat": chat_fidelity(net, refs)}
-
-    if doc["dense"] is None:
-        doc["dense"] = scores(model)
-        write_json(RESULTS, doc)
+    decision = Decision(RESULTS, args.windows, args.ratio)
     for settings in args.candidates:
         cfg = CompressConfig.of(ratio=args.ratio, **settings)
         # keyed by the whole resolved config: an entry stays valid when a default changes
-        key = json.dumps(cfg.resolved().to_dict(), sort_keys=True)
-        if key in doc["entries"]:
-            continue
-        net = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        compress(net, tok, cfg, source=resolve_model(DEFAULT_MODEL), progress=False)
-        entry = {"settings": settings} | scores(net) | {"seconds": time.perf_counter() - t0}
-        ratios = [entry["ppl"][t] / doc["dense"]["ppl"][t] for t in DECISION_TEXTS]
-        entry["geomean_ratio"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        doc["entries"][key] = entry
-        write_json(RESULTS, doc)
-        print(json.dumps({key: entry}), file=sys.stderr, flush=True)
-        del net
+        decision.run(json.dumps(cfg.resolved().to_dict(), sort_keys=True), cfg, settings=settings)
+    doc = decision.doc
     table(doc)
 
 
