@@ -35,6 +35,7 @@ from .calibrate import (
 )
 from .methods import decompose, strategy_weighting, tail_energy
 from .orders import layer_order
+from .refine import refine_layer
 
 
 def dense_statistics(model, windows: torch.Tensor, cfg: CompressConfig, progress=True, cache=None) -> Statistics:
@@ -234,8 +235,6 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
     Boundary hidden states are cached while a later layer can start from them; compressed ones are
     dropped above each layer that changes. Front-to-back needs one cached boundary per stream;
     other orders recompute from the nearest valid boundary."""
-    from .refine import refine_layer
-
     s = cfg.strategy
     batches = list(windows.split(cfg.data.batch_size))
     with torch.no_grad():
