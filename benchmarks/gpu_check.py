@@ -1,7 +1,7 @@
 """GPU check: the CUDA paths of vac, and the speed of factorized layers at the target's shapes.
 
 Needs one CUDA GPU and no network (models are built from configs with random weights, text is
-synthetic). Two parts, each written to ``--out/gpu_check.json`` as soon as it ends:
+synthetic). Parts, each written to ``--out/gpu_check.json`` as soon as it ends:
 
 1. ``cuda_paths``: a small random OLMo-3 (rope_theta 500000, sliding windows) saved with a word-level
    tokenizer; ``vac compress --device cuda`` (vac: Fisher + sequential whitening), the checkpoint
@@ -12,12 +12,19 @@ synthetic). Two parts, each written to ``--out/gpu_check.json`` as soon as it en
    (random factors: speed does not depend on their values): prefill tokens/s (batch 1 × 2048) and
    greedy decode tokens/s with the KV cache (batch 1 and 16), median of repeats, same process.
 
-3. ``scale`` (``--scale``): the streamed ``vac compress --device cuda --ratio 1.8`` of a random
+3. ``compiled`` (issue #18): the same 7B shape at 1.8x with ranks on the 8-grid, bf16, batch 1:
+   prefill of 2048 tokens (one forward) and decode of 128 tokens after that prompt with a static KV
+   cache, which transformers' ``generate`` runs through ``torch.compile(mode="reduce-overhead")``
+   (CUDA graphs) so decode is not bound by kernel launches; decode = time(tg128) - time(tg1), median
+   of repeats after a warm-up that pays the compilations. Targets: decode >= 1.5x, prefill >= 1.4x.
+   ``--device cpu --layers 2`` runs it on a small shape without compilation (a dry run of the code).
+
+4. ``scale`` (``--scale``): the streamed ``vac compress --device cuda --ratio 1.8`` of a random
    32-layer OLMo-3-7B-shaped bf16 checkpoint (``benchmarks/scale.py`` builds it shard by shard), with
    reduced calibration; records ``torch.cuda.max_memory_allocated()`` (report.json) and host peak RSS
    (targets: ≤ 24 GB GPU, ≤ 32 GB host).
 
-    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--scale]
+    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--skip-speed] [--skip-compiled] [--scale]
 """
 
 from __future__ import annotations
@@ -163,6 +170,70 @@ def speed(layers: int) -> dict:
     return result
 
 
+@torch.no_grad()
+def compiled(layers: int, device: str = "cuda") -> dict:
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    from vac.core.allocate import matrices_of, uniform_ranks
+    from vac.models.layers import factorize_
+
+    small = device == "cpu"  # the dry run: a narrow model, fp32, no compilation (CPU generate does not compile)
+    hidden, mlp, heads, vocab = (256, 704, 4, 1000) if small else (4096, 11008, 32, 100278)
+    prompt_len, new = (64, 8) if small else (2048, 128)
+    config = Olmo3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, sliding_window=4096,
+        rope_theta=500000.0, layer_types=["full_attention"] * layers, tie_word_embeddings=False,
+        eos_token_id=None, pad_token_id=0,
+    )
+    dtype = torch.float32 if small else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        dense = Olmo3ForCausalLM(config).to(dtype).eval()
+    ranks = {p: max(8, r // 8 * 8) for p, r in uniform_ranks(matrices_of(dense), 1.8).items()}
+
+    def random_factors(_path, weight, rank):
+        m, n = weight.shape
+        return (torch.randn(m, rank, device=device, dtype=weight.dtype) / math.sqrt(rank),
+                torch.randn(rank, n, device=device, dtype=weight.dtype) * weight.std())
+
+    nets = {"dense": dense, "vac": factorize_(copy.deepcopy(dense), ranks, random_factors)}
+    prompt = torch.randint(0, vocab, (1, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def median(fn, repeats):
+        fn()  # warm-up: compilation and CUDA graph capture
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def generate(net, n):
+        return net.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, cache_implementation="static")
+
+    result = {"layers": layers, "device": torch.cuda.get_device_name() if not small else "cpu (dry run)",
+              "dtype": str(dtype), "prompt_len": prompt_len, "decode_tokens": new,
+              "ranks_q_gate": [ranks["model.layers.0.self_attn.q_proj"], ranks["model.layers.0.mlp.gate_proj"]]}
+    for name, net in nets.items():
+        result[f"params_{name}"] = sum(p.numel() for p in net.parameters())
+        prefill = median(lambda: net(prompt, use_cache=False, logits_to_keep=1), 5)
+        first = median(lambda: generate(net, 1), 3)
+        full = median(lambda: generate(net, new), 3)
+        result[f"prefill_tok_s_{name}"] = prompt_len / prefill
+        result[f"decode_tok_s_{name}"] = (new - 1) / (full - first)
+    result["prefill_speedup"] = result["prefill_tok_s_vac"] / result["prefill_tok_s_dense"]
+    result["decode_speedup"] = result["decode_tok_s_vac"] / result["decode_tok_s_dense"]
+    result["targets_met"] = result["decode_speedup"] >= 1.5 and result["prefill_speedup"] >= 1.4
+    if not small:
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
 def scale(out: Path, layers: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from conftest import word_text
@@ -185,6 +256,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--skip-paths", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-compiled", action="store_true")
     ap.add_argument("--scale", action="store_true", help="also the streamed compress of a 7B-shaped model")
     ap.add_argument("--device", default="cuda", help="cpu runs part 1 only (a dry run of the script)")
     args = ap.parse_args()
@@ -194,6 +266,7 @@ def main():
     doc = {"torch": torch.__version__}
     for part, fn in (("cuda_paths", None if args.skip_paths else lambda: cuda_paths(args.out, args.device)),
                      ("speed", None if args.skip_speed or args.device == "cpu" else lambda: speed(args.layers)),
+                     ("compiled", None if args.skip_compiled else lambda: compiled(args.layers, args.device)),
                      ("scale", None if not args.scale or args.device == "cpu" else lambda: scale(args.out, args.layers))):
         if fn is None:
             continue

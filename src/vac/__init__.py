@@ -11,7 +11,8 @@ The public API (the CLI and the benchmarks call the same functions)::
 ``import vac`` registers the vac checkpoint classes with transformers, so ``from_pretrained`` of a
 vac folder works without ``trust_remote_code`` in this process. Stage entry points: ``compress_model``
 (the whole ``vac compress`` job), ``run_search`` / ``run_ablation`` (with ``SearchSetup``), ``distill``
-(with ``DistillConfig``), ``quantize``, ``bench``.
+(with ``DistillConfig``), ``quantize``, ``bench``, ``export_onnx`` (with ``OnnxExportConfig``; run the
+folder with ``vac.deploy.onnx_runtime.OnnxCausalLM``).
 """
 
 import logging as _logging
@@ -37,10 +38,11 @@ from .models.layers import LowRankLinear, factorize_  # noqa: E402
 __all__ = [
     "CompressConfig", "DataConfig", "StrategyConfig", "EvalConfig", "Result", "VacError", "LowRankLinear",
     "load", "save", "compress", "compress_model", "factorize_", "run_search", "run_ablation", "SearchSetup",
-    "distill", "DistillConfig", "quantize", "bench",
+    "distill", "DistillConfig", "quantize", "bench", "export_onnx", "OnnxExportConfig",
 ]
 
-_LAZY = {"SearchSetup": ("vac.search.space", "SearchSetup"), "DistillConfig": ("vac.recover.distill", "DistillConfig")}
+_LAZY = {"SearchSetup": ("vac.search.space", "SearchSetup"), "DistillConfig": ("vac.recover.distill", "DistillConfig"),
+         "OnnxExportConfig": ("vac.deploy.onnx_export", "OnnxExportConfig")}
 
 
 def __getattr__(name):
@@ -115,3 +117,10 @@ def bench(checkpoint_dir, baseline=None, int8_dir=None, **kwargs):
     from .deploy.bench import bench as run_bench
 
     return run_bench(checkpoint_dir, baseline, int8_dir, **kwargs)
+
+
+def export_onnx(source, out, config=None, **kwargs):
+    """One ONNX graph of a vac checkpoint or a dense model (:func:`vac.deploy.onnx_export.export_onnx`)."""
+    from .deploy.onnx_export import export_onnx as run_export
+
+    return run_export(source, out, config, **kwargs)

@@ -1,6 +1,6 @@
 """The ``vac`` command line: a typer app, one module per command group, options from the configs."""
 
-from . import compress, deploy, distill, search, use  # noqa: F401  (each registers its commands)
+from . import compress, deploy, distill, export, search, use  # noqa: F401  (each registers its commands)
 from .app import app
 
 

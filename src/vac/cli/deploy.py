@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import VacError
 from .app import app, err, friendly, out
 
 
@@ -71,6 +72,11 @@ def bench_cmd(
                                   "a static KV cache; compiling takes minutes"),
     load_rss: bool = typer.Option(True, "--load-rss/--no-load-rss",
                                   help="measure each folder's load in a fresh process (peak RSS)"),
+    runtime: str = typer.Option("torch", help="torch (transformers, eager or --compile) | onnx (ONNX Runtime; "
+                                "DIR and --baseline may be checkpoints or their `vac export --onnx` folders)"),
+    export_dir: Optional[Path] = typer.Option(None, help="--runtime onnx: where to export the checkpoints "
+                                              "(reused on the next run) [default: a temporary folder]"),
+    onnx_int8: bool = typer.Option(False, "--onnx-int8", help="--runtime onnx: the int8 export of DIR too"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Dense vs factorized (vs int8) in one process: prefill and decode tokens/s, size, memory, FLOPs."""
@@ -78,6 +84,15 @@ def bench_cmd(
 
     from ..deploy.bench import bench
 
+    if runtime not in ("torch", "onnx"):
+        raise VacError(f"unknown --runtime '{runtime}'; choose torch or onnx")
+    if runtime == "onnx":
+        if int8 is not None or compile_:
+            raise VacError("--int8 and --compile are for --runtime torch (use --onnx-int8 with --runtime onnx)")
+        return _bench_onnx(checkpoint_dir, baseline, onnx_int8, prompt_len, decode_tokens, repeats, threads,
+                           export_dir, as_json)
+    if onnx_int8 or export_dir is not None:
+        raise VacError("--onnx-int8 and --export-dir need --runtime onnx")
     result = bench(
         checkpoint_dir, baseline, int8, prompt_len=prompt_len, decode_tokens=decode_tokens, repeats=repeats,
         threads=threads, load_rss=load_rss, decode_layout=fast_decode, compare_stock=compare_stock,
@@ -111,4 +126,43 @@ def bench_cmd(
     out.print(f"weight-FLOP ratio (dense / vac), the limit of each speed-up: decode {result['flops_ratio']:.3f}x "
               f"(LM head on every token), prefill {result['prefill_flops_ratio']:.3f}x (LM head once); "
               f"process peak RSS {_mb(result['process_peak_rss_bytes'])}", highlight=False)
+    out.print(f"[dim]{result['protocol']}[/dim]", highlight=False)
+
+
+def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repeats, threads, export_dir, as_json):
+    from rich.table import Table
+
+    from ..deploy.bench_onnx import bench_onnx
+
+    result = bench_onnx(checkpoint_dir, baseline, int8=int8, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                        repeats=repeats, threads=threads, export_dir=export_dir,
+                        log=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
+    result["command"] = " ".join(["vac"] + sys.argv[1:])
+    if as_json:
+        print(json.dumps(result))
+        return
+    models = result["models"]
+    dense = models["dense-onnx"]
+    table = Table(title=f"vac bench --runtime onnx: {result['baseline']} vs {checkpoint_dir}", show_edge=False)
+    table.add_column("")
+    for name in models:
+        table.add_column(name, justify="right")
+    rows = [
+        ("parameters", lambda m: f"{m['params'] / 1e6:,.1f} M"),
+        ("weight MACs / token", lambda m: f"{m['linear_macs_per_token'] / 1e6:,.1f} M"),
+        ("ONNX weights", lambda m: _mb(m.get("onnx_bytes"))),
+        (f"prefill {result['prompt_len']} tok/s", lambda m: f"{m['prefill_tokens_per_s']:,.1f}"),
+        ("  vs dense-onnx", lambda m: f"{m['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x"),
+        (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
+        ("  vs dense-onnx", lambda m: f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *[cell(m) for m in models.values()])
+    out.print(table)
+    line = (f"weight-FLOP limits (dense / vac): decode {result['flops_ratio']:.3f}x, prefill "
+            f"{result['prefill_flops_ratio']:.3f}x; decode reaches {result['decode_efficiency']:.2f} of its limit")
+    if "vs_eager_decode_speedup" in result:
+        line += (f"; vac-onnx vs dense in eager transformers: decode {result['vs_eager_decode_speedup']:.2f}x, "
+                 f"prefill {result['vs_eager_prefill_speedup']:.2f}x")
+    out.print(line, highlight=False)
     out.print(f"[dim]{result['protocol']}[/dim]", highlight=False)

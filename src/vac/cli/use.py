@@ -22,11 +22,21 @@ err = Console(stderr=True, highlight=False)
 CHAT_HELP = "/exit or Ctrl-D quits, /reset clears the conversation, Ctrl-C stops a reply"
 
 
-def _load(model: str):
+def _load(model: str, runtime: str = "torch"):
     from ..models.zoo import load_model
 
+    if runtime not in ("torch", "onnx"):
+        raise VacError(f"unknown --runtime '{runtime}'; choose torch or onnx")
     with err.status(f"loading {model}…"):
-        net, tok = load_model(model)
+        if runtime == "onnx":
+            from transformers import AutoTokenizer
+
+            from ..deploy.onnx_runtime import OnnxCausalLM
+
+            net = OnnxCausalLM(model)  # refuses a folder that is not an export, in one line
+            tok = AutoTokenizer.from_pretrained(model)
+        else:
+            net, tok = load_model(model)
     if tok is None:
         raise VacError(f"{model} has no tokenizer")
     return net, tok
@@ -45,17 +55,21 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="sampling seed, for reproducible replies"),
     hide_think: bool = typer.Option(False, "--hide-think", help="fold the <think> block to a one-line summary"),
     show_think: bool = typer.Option(False, "--show-think", help="one-shot: put the <think> block on stdout too"),
+    runtime: str = typer.Option("torch", help="torch (transformers) | onnx (ONNX Runtime: MODEL is a "
+                                "`vac export --onnx` folder)"),
 ):
     """Chat with MODEL through its chat template; the <think> block is shown apart from the answer."""
     from ..deploy.chat import generate_reply, trim_history
-    from ..deploy.decode import fast_decode_
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if prompt is not None and not prompt.strip():
         raise VacError("the prompt is empty")
-    net, tok = _load(model)
-    fast_decode_(net)  # vac checkpoints: the batch-1 decode layout (no-op for dense models)
+    net, tok = _load(model, runtime)
+    if runtime == "torch":
+        from ..deploy.decode import fast_decode_
+
+        fast_decode_(net)  # vac checkpoints: the batch-1 decode layout (no-op for dense models)
     messages = [{"role": "system", "content": system}] if system else []
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 

@@ -235,6 +235,43 @@ def greedy_generate(model, ids, n: int, static: bool = False):
 DECODE_PROMPT = 8  # decode is measured llama-bench style: a short prompt, then tg<decode_tokens>
 
 
+def time_generation(runners: dict, vocab: int, prompt_len: int, decode_tokens: int, repeats: int, log=None) -> dict:
+    """Prefill and decode speed of each ``runners[name](ids, n)`` (exactly ``n`` greedy new tokens
+    after ``ids``), by the protocol of the module docstring: the runners take turns, ``repeats``
+    rounds after a warm-up, best round each. Returns ``{name: {prefill_*, decode_*, raw_seconds}}``."""
+    log = log or (lambda _msg: None)
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    short = prompt[:, :DECODE_PROMPT]
+    names = list(runners)
+    times = {n: {"prefill": [], "tg1": [], f"tg{decode_tokens}": []} for n in names}
+    with torch.inference_mode():
+        for rnd in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches)
+            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            for name in order:
+                run = runners[name]
+                t_pre = _timed(lambda: run(prompt, 1))
+                t_1 = _timed(lambda: run(short, 1))
+                t_n = _timed(lambda: run(short, decode_tokens))
+                if rnd:
+                    for key, value in zip(times[name], (t_pre, t_1, t_n)):
+                        times[name][key].append(value)
+            log(f"round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
+    results = {}
+    for name in names:
+        t = times[name]
+        prefill_s = min(t["prefill"])
+        # generate's fixed costs and the short prompt's prefill cancel out in the difference
+        decode_s = min(t[f"tg{decode_tokens}"]) - min(t["tg1"])
+        results[name] = {
+            "prefill_seconds": prefill_s,
+            "prefill_tokens_per_s": prompt_len / prefill_s,
+            "decode_seconds": decode_s,
+            "decode_tokens_per_s": (decode_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
+            "raw_seconds": t,
+        }
+    return results
+
+
 def _resolve_baseline(ckpt_dir: Path, baseline: str | None) -> str:
     if baseline:
         return baseline
@@ -332,34 +369,9 @@ def bench(
         models[name] = model
 
     vocab = min(int(m.config.vocab_size) for m in models.values())
-    prompt = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    short = prompt[:, :DECODE_PROMPT]
-    names = list(models)
-    times = {n: {"prefill": [], "tg1": [], f"tg{decode_tokens}": []} for n in names}
-    with torch.inference_mode():
-        for rnd in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches)
-            order = names[rnd % len(names):] + names[: rnd % len(names)]
-            for name in order:
-                model = models[name]
-                t_pre = _timed(lambda: greedy_generate(model, prompt, 1, use_compile))
-                t_1 = _timed(lambda: greedy_generate(model, short, 1, use_compile))
-                t_n = _timed(lambda: greedy_generate(model, short, decode_tokens, use_compile))
-                if rnd:
-                    for key, value in zip(times[name], (t_pre, t_1, t_n)):
-                        times[name][key].append(value)
-            log(f"round {rnd}/{repeats} done" + (" (warm-up)" if rnd == 0 else ""))
-    for name in names:
-        t = times[name]
-        prefill_s = min(t["prefill"])
-        # generate's fixed costs and the short prompt's prefill cancel out in the difference
-        decode_s = min(t[f"tg{decode_tokens}"]) - min(t["tg1"])
-        results[name].update({
-            "prefill_seconds": prefill_s,
-            "prefill_tokens_per_s": prompt_len / prefill_s,
-            "decode_seconds": decode_s,
-            "decode_tokens_per_s": (decode_tokens - 1) / decode_s if decode_s > 0 else float("nan"),
-            "raw_seconds": t,
-        })
+    runners = {name: (lambda ids, n, m=model: greedy_generate(m, ids, n, use_compile)) for name, model in models.items()}
+    for name, timing in time_generation(runners, vocab, prompt_len, decode_tokens, repeats, log).items():
+        results[name].update(timing)
     dense = results["dense"]
 
     def speedups(name: str, prefix: str = "") -> dict:

@@ -256,7 +256,7 @@ def generate_reply(
     prompt = render_prompt(tokenizer, messages)
     opened = prompt_opens_think(prompt)
     enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    device = next(model.parameters()).device
+    device = model.device  # transformers models and vac.deploy.onnx_runtime.OnnxCausalLM alike
     input_ids = enc["input_ids"].to(device)
     limit = max_context(model)
     if limit is not None and input_ids.shape[1] >= limit:
