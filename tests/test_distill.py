@@ -14,7 +14,15 @@ from vac import checkpoint
 from vac.errors import VacError
 from vac.models.layers import factorize_
 from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
-from vac.recover.distill import DistillConfig, freeze_, kd_loss, lr_lambda, param_groups, run_distill
+from vac.recover.distill import (
+    DistillConfig,
+    fill_teacher_cache,
+    freeze_,
+    kd_loss,
+    lr_lambda,
+    param_groups,
+    run_distill,
+)
 
 SEQ = 16
 
@@ -252,23 +260,29 @@ def test_resume_equals_uninterrupted(tmp_path):
         run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", progress=False)
 
 
-def test_teacher_cache_replaces_the_teacher(tmp_path):
+def test_teacher_cache_is_a_pass_of_its_own_and_training_never_loads_the_teacher(tmp_path):
     teacher = tiny_llama(seed=0)
     cfg = config(steps=3, top_k=VOCAB)
     live = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "live", progress=False)
-    first = run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "c1", teacher_cache=tmp_path / "cache",
-                        progress=False)
+    filled = fill_teacher_cache(teacher, mix_of(), cfg, tmp_path / "cache", progress=False)
+    assert filled["written"] == 3 * cfg.batch_size and filled["already_cached"] == 0 and filled["teacher_loaded"]
 
     def no_teacher():
-        raise AssertionError("the teacher was loaded although every sample is cached")
-    second = run_distill(student_of(), no_teacher, mix_of(), cfg, tmp_path / "c2", teacher_cache=tmp_path / "cache",
+        raise AssertionError("the teacher was loaded")
+    again = fill_teacher_cache(no_teacher, mix_of(), cfg, tmp_path / "cache", progress=False)
+    assert again["written"] == 0 and again["already_cached"] == 12 and not again["teacher_loaded"]
+    cached = run_distill(student_of(), no_teacher, mix_of(), cfg, tmp_path / "c1", teacher_cache=tmp_path / "cache",
                          progress=False)
-    assert first.report["teacher_cache"]["misses"] > 0
-    assert second.report["teacher_cache"] == {**second.report["teacher_cache"], "hits": 12, "misses": 0}
-    assert [r["loss"] for r in first.report["loss_curve"]] == [r["loss"] for r in second.report["loss_curve"]]
+    assert cached.report["teacher_cache"] == {**cached.report["teacher_cache"], "hits": 12, "misses": 0}
     # k = vocabulary: the renormalized top-k KL is the full KL (up to the float16 storage of the logits)
-    assert [r["kl"] for r in first.report["loss_curve"]] == pytest.approx(
+    assert [r["kl"] for r in cached.report["loss_curve"]] == pytest.approx(
         [r["kl"] for r in live.report["loss_curve"]], rel=1e-2, abs=1e-4)
+    assert [r["nll"] for r in cached.report["loss_curve"]] == pytest.approx(
+        [r["nll"] for r in live.report["loss_curve"]], rel=1e-3)
+    # a batch the pass did not cover (a longer run) stops training instead of loading the teacher
+    with pytest.raises(VacError, match="has no entry for 2 of this batch's 2 samples"):
+        run_distill(student_of(), no_teacher, mix_of(), config(steps=4, top_k=VOCAB), tmp_path / "c2",
+                    teacher_cache=tmp_path / "cache", progress=False)
     with pytest.raises(VacError, match="k="):
         run_distill(student_of(), teacher, mix_of(), config(top_k=8), tmp_path / "c3",
                     teacher_cache=tmp_path / "cache", progress=False)
@@ -346,3 +360,34 @@ def test_cli_errors_are_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         text = " ".join(result.output.split())  # rich wraps at the terminal width
         assert text.startswith("error:") and message in text and "Traceback" not in text, result.output
+
+
+def test_cli_cache_teacher_only_then_train_from_the_cache(tiny_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vac.cli.distill  # noqa: F401  (registers the command)
+    import vac.models.zoo
+    from vac import checkpoint
+    from vac.cli import app
+    from vac.models.layers import factorize_
+
+    model, tok = checkpoint.load(tiny_folder)
+    checkpoint.save(factorize_(model, {"model.layers.0.mlp.down_proj": 8, "model.layers.1.self_attn.q_proj": 8}),
+                    tok, tmp_path / "ckpt")
+    common = ["distill", str(tmp_path / "ckpt"), "--teacher", str(tiny_folder), "--data", str(tmp_path / "calib.txt"),
+              "--teacher-cache", str(tmp_path / "tc"), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+              "--chat-fraction", "0", "--eval", "", "--top-k", "16", "--device", "cpu"]
+    runner = CliRunner()
+    assert " ".join(runner.invoke(app, common[:2] + ["--cache-teacher-only"]).output.split()).startswith(
+        "error: --cache-teacher-only needs --teacher-cache")
+    filled = runner.invoke(app, common + ["--cache-teacher-only"])
+    assert filled.exit_code == 0, filled.output
+    assert "4 written" in " ".join(filled.output.split()) and not (tmp_path / "out").exists()
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("the teacher was loaded")
+    monkeypatch.setattr(vac.models.zoo, "load_model", no_teacher)
+    trained = runner.invoke(app, common + ["--out", str(tmp_path / "out")])
+    assert trained.exit_code == 0, trained.output
+    report = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert report["teacher_cache"]["hits"] == 4 and report["teacher_cache"]["misses"] == 0

@@ -27,7 +27,7 @@ def distill(
     teacher: Optional[str] = typer.Option(None, help="dense teacher: embedded name, folder or hub id "
                                           "[default: the model named in the student's report.json]"),
     data: str = typer.Option(DEFAULT_CALIB, help="training text source (never the evaluation split)"),
-    out_dir: Path = typer.Option(..., "--out", help="checkpoint folder to write (rerun to resume)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="checkpoint folder to write (rerun to resume)"),
     steps: int = typer.Option(200, help="optimizer steps (upper bound with --max-minutes)"),
     seq_len: int = typer.Option(256, help="training window length in tokens"),
     batch_size: int = typer.Option(8, help="global batch in sequences per optimizer step (all processes)"),
@@ -49,6 +49,8 @@ def distill(
     teacher_cache: Optional[Path] = typer.Option(None, help="folder of cached top-k teacher logits "
                                                  "(KL on the renormalized top-k support)"),
     top_k: int = typer.Option(64, help="teacher logits kept per position in --teacher-cache"),
+    cache_teacher_only: bool = typer.Option(False, "--cache-teacher-only", help="only run the teacher over the "
+                                            "batches of this run and write --teacher-cache, then exit"),
     save_every: int = typer.Option(50, help="save a resumable state every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="training time budget; the schedule is fitted "
                                                 "to it after 5 steps"),
@@ -72,6 +74,7 @@ def distill(
     from ..recover.distill import (
         DistillConfig,
         copy_reports,
+        fill_teacher_cache,
         init_distributed,
         run_distill,
     )
@@ -86,8 +89,16 @@ def distill(
     cfg.check()
     if not (student_dir / "config.json").is_file():
         raise VacError(f"no checkpoint folder at {student_dir} (no config.json)")
-    check_output(out_dir, {"student": student_dir, "teacher": teacher, "training data": data,
-                           "chat data": chat_data, "teacher cache": teacher_cache, "evaluation data": eval_data})
+    if cache_teacher_only and teacher_cache is None:
+        raise VacError("--cache-teacher-only needs --teacher-cache DIR to write to")
+    if out_dir is None and not cache_teacher_only:
+        raise VacError("--out DIR is needed (the checkpoint folder to write)")
+    if out_dir is not None:
+        check_output(out_dir, {"student": student_dir, "teacher": teacher, "training data": data,
+                               "chat data": chat_data, "teacher cache": teacher_cache, "evaluation data": eval_data})
+    if teacher_cache is not None:
+        check_output(teacher_cache, {"student": student_dir, "teacher": teacher, "training data": data,
+                                     "chat data": chat_data})
     if chat_data is not None and not chat_data.is_file():
         raise VacError(f"no such chat file: {chat_data}")
     check_no_overlap(data, eval_data)
@@ -105,6 +116,16 @@ def distill(
     stored = json.loads((student_dir / "config.json").read_text()).get("dtype")
     save_dtype = torch.bfloat16 if stored == "bfloat16" else None
     mix = build_mix(tok, data, seq_len, chat_fraction, str(chat_data) if chat_data else None, chat_samples, seed)
+    if cache_teacher_only:
+        done = fill_teacher_cache(lambda: load_model(teacher)[0], mix, cfg, teacher_cache, teacher_id=teacher_source,
+                                  env=env)
+        if env.main:
+            out.print(summary_table(f"vac distill --cache-teacher-only: {teacher} → {teacher_cache}", [
+                ("batches", f"{cfg.steps} steps × {batch_size} samples × {seq_len} tokens"),
+                ("entries", f"{done['written']} written, {done['already_cached']} already cached (top-{top_k})"),
+                ("time", f"{done['seconds']:.1f} s"),
+            ]))
+        return
     windows = protocol_windows(tok, eval_data, eval_seq_len, eval_windows) if eval_data else None
     run_info = {
         "student": str(student_dir), "teacher": teacher, "data": data,
@@ -115,7 +136,7 @@ def distill(
         "command": " ".join(["vac"] + sys.argv[1:]),
     }
     result = run_distill(
-        student, lambda: load_model(teacher)[0], mix, cfg, out_dir, tokenizer=tok, eval_windows=windows,
+        student, None if teacher_cache else (lambda: load_model(teacher)[0]), mix, cfg, out_dir, tokenizer=tok, eval_windows=windows,
         teacher_cache=teacher_cache, teacher_id=teacher_source, run_info=run_info, overwrite=overwrite,
         save_dtype=save_dtype, extra_files=reports, env=env,
     )

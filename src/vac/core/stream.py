@@ -122,18 +122,23 @@ class ShardReader:
 
 
 def bounded_heap() -> bool:
-    """Make glibc return freed large blocks to the system (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``).
+    """Fix glibc's mmap and trim thresholds (``mallopt``) so the heap stays bounded without
+    re-faulting the blocks a layer's work reuses.
 
     By default glibc raises its mmap threshold each time a large block is freed, so the per-layer
     statistics and SVD workspaces of later layers come from a heap that never shrinks, and resident
-    memory grows with the number of layers although nothing is kept (docs/scale.md). A fixed
-    threshold keeps every block of a megabyte or more in its own mapping. No-op off glibc."""
+    memory grows with the number of layers although nothing is kept (docs/scale.md). Fixed
+    thresholds stop that drift: blocks of 32 MiB or more (glibc's largest mmap threshold; the
+    statistics of wide layers, the calibration activations) get their own mapping and go back to the
+    system when freed; smaller ones (activations of a refinement step, per-window hidden states) are
+    reused from the heap instead of being mapped, faulted in and unmapped on every step, and up to
+    256 MiB of free heap top is kept rather than trimmed and re-faulted. No-op off glibc."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 256 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
 

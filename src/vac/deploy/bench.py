@@ -272,7 +272,7 @@ def time_generation(runners: dict, vocab: int, prompt_len: int, decode_tokens: i
     return results
 
 
-def _resolve_baseline(ckpt_dir: Path, baseline: str | None) -> str:
+def resolve_baseline(ckpt_dir: Path, baseline: str | None) -> str:
     if baseline:
         return baseline
     report = ckpt_dir / "report.json"
@@ -320,7 +320,7 @@ def bench(
         raise VacError(f"{ckpt_dir} is not a model folder (no config.json)")
     if int8_dir is not None and not (Path(int8_dir) / "config.json").is_file():
         raise VacError(f"{int8_dir} is not a model folder (no config.json)")
-    baseline = _resolve_baseline(ckpt_dir, baseline)
+    baseline = resolve_baseline(ckpt_dir, baseline)
     if prompt_len < 1 or decode_tokens < 2 or repeats < 1:
         raise VacError("need --prompt-len >= 1, --decode-tokens >= 2 and --repeats >= 1")
     if threads is not None:

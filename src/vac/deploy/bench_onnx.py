@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VacError
-from .bench import DECODE_PROMPT, _resolve_baseline, greedy_generate, peak_rss_bytes, time_generation
+from .bench import DECODE_PROMPT, greedy_generate, peak_rss_bytes, resolve_baseline, time_generation
 from .onnx_export import MANIFEST, OnnxExportConfig, export_onnx
 from .onnx_runtime import OnnxCausalLM, is_onnx_folder
 
@@ -79,7 +79,7 @@ def bench_onnx(
     if baseline is None:
         if not Path(source).is_dir():
             raise VacError(f"cannot find the checkpoint {source} that {ckpt} was exported from: pass --baseline")
-        baseline = _resolve_baseline(Path(source), None)
+        baseline = resolve_baseline(Path(source), None)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 

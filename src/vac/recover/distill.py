@@ -22,9 +22,10 @@ The cached KL is taken on the renormalized top-k support S (the teacher's k most
     p_i = exp(t_i/T) / Σ_{j∈S} exp(t_j/T),   q_i = exp(s_i/T) / Σ_{j∈S} exp(s_j/T),   KL = Σ_{i∈S} p_i log(p_i/q_i)
 
 i.e. both distributions are restricted to S and renormalized there; the NLL term still uses the
-student's full softmax. Missing samples are computed with the teacher (loaded only then) and written,
-so a second run over the same data never loads the teacher; a freshly computed entry is rounded
-through float16 before use, exactly as if it had been read back.
+student's full softmax. The cache is filled in a pass of its own (:func:`fill_teacher_cache`, ``vac
+distill --cache-teacher-only``: the teacher over exactly the batches training will read), so the
+training run never holds the teacher: it only reads the cache, and a batch missing from it stops the
+run with a one-line error instead of loading the teacher.
 
 Data (:mod:`vac.recover.data`): ``DataMix`` interleaves non-overlapping text windows of a source with chat-formatted samples
 (rendered with the tokenizer's chat template, right-padded, padding not scored) in a fixed fraction.
@@ -170,7 +171,8 @@ def kd_loss(student_logits, targets, mask, temperature=1.0, alpha=0.5, teacher_l
 class TopKCache:
     """Per-sample top-k teacher logits on disk (see the module docstring for the exact KL)."""
 
-    def __init__(self, root: str | os.PathLike, k: int, teacher_id: str, load_teacher: Callable[[], nn.Module]):
+    def __init__(self, root: str | os.PathLike, k: int, teacher_id: str,
+                 load_teacher: Callable[[], nn.Module] | None = None):
         self.root, self.k, self.teacher_id = Path(root), k, teacher_id
         self._load, self._teacher = load_teacher, None
         self.hits = self.misses = 0
@@ -196,7 +198,9 @@ class TopKCache:
         return self._teacher
 
     def get(self, ids: torch.Tensor, mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values float32, indices long)`` [b, L-1, k] for a batch (computing and writing misses)."""
+        """``(values float32, indices long)`` [b, L-1, k] for a batch. Misses are computed with the teacher
+        and written when the cache has a loader (:func:`fill_teacher_cache`); without one (training)
+        a miss is a one-line error: training never loads the teacher behind the user's back."""
         ids, mask = ids.cpu(), mask.cpu()
         paths = [self._path(ids[i], mask[i]) for i in range(ids.shape[0])]
         entries: list = [None] * len(paths)
@@ -208,6 +212,9 @@ class TopKCache:
                 self.hits += 1
             else:
                 missing.append(i)
+        if missing and self._load is None:
+            raise VacError(f"teacher cache {self.root} has no entry for {len(missing)} of this batch's {len(paths)} "
+                           "samples: fill it first with the same command and --cache-teacher-only")
         if missing:
             self.misses += len(missing)
             teacher = self.teacher
@@ -223,6 +230,53 @@ class TopKCache:
         values = torch.stack([e[0] for e in entries]).float().to(device)
         indices = torch.stack([e[1] for e in entries]).long().to(device)
         return values, indices
+
+
+def fill_teacher_cache(
+    teacher: nn.Module | Callable[[], nn.Module],
+    mix: DataMix,
+    cfg: DistillConfig,
+    root: str | os.PathLike,
+    *,
+    teacher_id: str = "teacher",
+    env: Dist | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the teacher once over every batch a ``run_distill`` with the same ``mix`` and ``cfg`` will
+    train on (``cfg.steps`` steps; each rank its slice under torchrun) and write their top-k logits
+    to the cache ``root``; entries already there are kept. Returns what it did."""
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    env = env or init_distributed()
+    if mix.seq_len != cfg.seq_len:
+        raise VacError(f"data windows hold {mix.seq_len} tokens, --seq-len is {cfg.seq_len}")
+    per_rank, rest = divmod(cfg.batch_size, env.world)
+    micro, rest2 = divmod(per_rank, cfg.grad_accum)
+    if rest or rest2 or micro == 0:
+        raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
+                       f"{cfg.grad_accum} micro-batches")
+    load = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
+
+    def loaded() -> nn.Module:
+        model = load()
+        if model is None:
+            raise VacError("filling the teacher cache needs a teacher")
+        return model.to(env.device).eval()
+
+    cache = TopKCache(root, cfg.top_k, teacher_id, loaded)
+    started = time.perf_counter()
+    lo = env.rank * per_rank
+    for step in tqdm(range(cfg.steps), desc="teacher cache", unit="step", disable=not (progress and env.main)):
+        ids, mask = mix.batch(step * cfg.batch_size, cfg.batch_size)
+        for m in range(cfg.grad_accum):  # the training micro-batches: the teacher's memory is one of them
+            rows = slice(lo + m * micro, lo + (m + 1) * micro)
+            cache.get(ids[rows], mask[rows], env.device)
+    counts = env.gather((cache.hits, cache.misses))
+    return {"dir": str(cache.root), "teacher": teacher_id, "k": cfg.top_k, "steps": cfg.steps,
+            "samples": cfg.steps * cfg.batch_size, "written": sum(c[1] for c in counts),
+            "already_cached": sum(c[0] for c in counts), "seconds": time.perf_counter() - started,
+            "teacher_loaded": cache._teacher is not None}
 
 
 def _valid_entry(entry, positions: int, k: int) -> bool:
@@ -435,8 +489,9 @@ def run_distill(
 ) -> Result:
     """Distill ``teacher`` into ``student`` on ``mix`` and save the result as a vac checkpoint at ``out``.
 
-    ``teacher`` is a model or a zero-argument loader (called only when teacher logits are needed).
-    With ``teacher_cache`` the KL uses cached top-k logits. ``eval_windows`` [n, L] are scored before
+    ``teacher`` is a model or a zero-argument loader. With ``teacher_cache`` the KL uses the cached
+    top-k logits that :func:`fill_teacher_cache` wrote, ``teacher`` is never loaded (it may be None)
+    and a batch missing from the cache stops the run with a one-line error. ``eval_windows`` [n, L] are scored before
     and after (PPL protocol of :mod:`vac.core.evaluate`). Rerunning with the same arguments resumes from the
     last state saved in ``out``. ``on_step(step, record)`` is called after every optimizer step.
     """
@@ -477,7 +532,8 @@ def run_distill(
             _teacher_box.append(model)
         return _teacher_box[0]
 
-    cache = TopKCache(teacher_cache, cfg.top_k, teacher_id, get_teacher) if teacher_cache else None
+    # with a cache, training reads teacher logits only from it (filled by fill_teacher_cache)
+    cache = TopKCache(teacher_cache, cfg.top_k, teacher_id) if teacher_cache else None
     if cache is None:
         get_teacher()
     env.barrier()
