@@ -16,6 +16,8 @@ from vac.models.layers import factorize_
 from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
 from vac.recover.distill import (
     DistillConfig,
+    chunked_kd_sums,
+    combine,
     fill_teacher_cache,
     freeze_,
     kd_loss,
@@ -105,6 +107,51 @@ def test_topk_kl_on_renormalized_support():
                                    teacher_topk=(values, indices))
     assert kl_mean.item() == pytest.approx(kl, rel=1e-6)
     assert nll_mean.item() == pytest.approx(-math.log(e**5 / (1 + e + e**5)), rel=1e-5)  # full softmax
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for the backward pass of ``fn()`` (views of one
+    storage counted once), and fn's result."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("teacher_kind", ["full", "topk"])
+def test_chunked_loss_equals_the_whole_loss_and_keeps_one_chunk(teacher_kind):
+    g = torch.Generator().manual_seed(0)
+    b, positions, vocab = 2, 40, 512
+    logits = torch.randn(b, positions, vocab, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (b, positions), generator=g)
+    mask = torch.ones(b, positions, dtype=torch.bool)
+    mask[1, 30:] = False  # a padded tail, as chat samples have
+    teacher = torch.randn(b, positions, vocab, generator=g)
+    kw = {"teacher_logits": teacher} if teacher_kind == "full" else {"teacher_topk": teacher.topk(64, dim=-1)}
+
+    def run(chunk):
+        logits.grad = None
+        saved, (kl, nll, n) = _saved_bytes(lambda: chunked_kd_sums(logits, targets, mask, 2.0, chunk=chunk, **kw))
+        combine(kl, nll, n, 2.0, 0.5).backward()
+        return saved, kl.item(), nll.item(), n, logits.grad.clone()
+
+    saved_whole, *whole = run(0)
+    saved_chunked, *chunked = run(8)
+    assert chunked[2] == whole[2] == 70
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6) and chunked[1] == pytest.approx(whole[1], rel=1e-6)
+    torch.testing.assert_close(chunked[3], whole[3], rtol=1e-5, atol=1e-6)
+    # the whole loss keeps [70, vocab] fp32 copies (log-softmaxes, ...); the chunked one only its inputs
+    # (the logits and the teacher's tensors, sliced as views) and a few scalars
+    inputs = logits.numel() * 4 + sum(t.untyped_storage().nbytes() for t in kw.get("teacher_topk", ())) + (
+        teacher.numel() * 4 if teacher_kind == "full" else 0)
+    assert saved_whole > 2 * 70 * vocab * 4
+    assert saved_chunked - inputs < 1024, (saved_chunked, inputs)
 
 
 # ----------------------------------------------------------------------------- parameter groups

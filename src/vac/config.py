@@ -31,6 +31,9 @@ DECISION_TEXTS = ("austen:search", "handbook:search", "gnu:search")
 # refinement of each factorized layer (vac.core.refine): what its factors are fitted to
 REFINE_TARGETS = ("none", "own", "dense")
 REPORT_EVALS = ("austen:eval", "handbook:eval", "gnu:eval")
+# distillation: teacher logits kept per position in a teacher cache; positions per chunk of the loss
+DISTILL_TOP_K = 64
+DISTILL_LOSS_CHUNK = 128
 
 
 def _opt(default, help: str, **extra) -> Any:

@@ -80,7 +80,6 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Dense vs factorized (vs int8) in one process: prefill and decode tokens/s, size, memory, FLOPs."""
-    from rich.table import Table
 
     from ..deploy.bench import bench
 
@@ -105,10 +104,6 @@ def bench_cmd(
         return
     models = result["models"]
     dense = models["dense"]
-    table = Table(title=f"vac bench: {result['baseline']} vs {checkpoint_dir}", show_edge=False)
-    table.add_column("")
-    for name in models:
-        table.add_column(name, justify="right")
     rows = [
         ("parameters", lambda m: f"{m['params'] / 1e6:,.1f} M"),
         ("weight MACs / token", lambda m: f"{m['linear_macs_per_token'] / 1e6:,.1f} M"),
@@ -120,17 +115,27 @@ def bench_cmd(
         (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
         ("  vs dense", lambda m: f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"),
     ]
-    for label, cell in rows:
-        table.add_row(label, *[cell(m) for m in models.values()])
-    out.print(table)
+    out.print(_models_table(f"vac bench: {result['baseline']} vs {checkpoint_dir}", models, rows))
     out.print(f"weight-FLOP ratio (dense / vac), the limit of each speed-up: decode {result['flops_ratio']:.3f}x "
               f"(LM head on every token), prefill {result['prefill_flops_ratio']:.3f}x (LM head once); "
               f"process peak RSS {_mb(result['process_peak_rss_bytes'])}", highlight=False)
     out.print(f"[dim]{result['protocol']}[/dim]", highlight=False)
 
 
-def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repeats, threads, export_dir, as_json):
+def _models_table(title: str, models: dict, rows: list):
+    """One column per model, one row per (label, cell function of a model's results)."""
     from rich.table import Table
+
+    table = Table(title=title, show_edge=False)
+    table.add_column("")
+    for name in models:
+        table.add_column(name, justify="right")
+    for label, cell in rows:
+        table.add_row(label, *[cell(m) for m in models.values()])
+    return table
+
+
+def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repeats, threads, export_dir, as_json):
 
     from ..deploy.bench_onnx import bench_onnx
 
@@ -143,10 +148,6 @@ def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repea
         return
     models = result["models"]
     dense = models["dense-onnx"]
-    table = Table(title=f"vac bench --runtime onnx: {result['baseline']} vs {checkpoint_dir}", show_edge=False)
-    table.add_column("")
-    for name in models:
-        table.add_column(name, justify="right")
     rows = [
         ("parameters", lambda m: f"{m['params'] / 1e6:,.1f} M"),
         ("weight MACs / token", lambda m: f"{m['linear_macs_per_token'] / 1e6:,.1f} M"),
@@ -156,9 +157,7 @@ def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repea
         (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
         ("  vs dense-onnx", lambda m: f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"),
     ]
-    for label, cell in rows:
-        table.add_row(label, *[cell(m) for m in models.values()])
-    out.print(table)
+    out.print(_models_table(f"vac bench --runtime onnx: {result['baseline']} vs {checkpoint_dir}", models, rows))
     line = (f"weight-FLOP limits (dense / vac): decode {result['flops_ratio']:.3f}x, prefill "
             f"{result['prefill_flops_ratio']:.3f}x; decode reaches {result['decode_efficiency']:.2f} of its limit")
     if "vs_eager_decode_speedup" in result:

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from ..atomic import check_output
-from ..config import DEFAULT_CALIB, DEFAULT_EVAL
+from ..config import DEFAULT_CALIB, DEFAULT_EVAL, DISTILL_LOSS_CHUNK, DISTILL_TOP_K
 from ..errors import VacError
 from .app import app, err, friendly, out
 
@@ -48,7 +48,7 @@ def distill(
                                           help="train the embeddings and a dense lm_head"),
     teacher_cache: Optional[Path] = typer.Option(None, help="folder of cached top-k teacher logits "
                                                  "(KL on the renormalized top-k support)"),
-    top_k: int = typer.Option(64, help="teacher logits kept per position in --teacher-cache"),
+    top_k: int = typer.Option(DISTILL_TOP_K, help="teacher logits kept per position in --teacher-cache"),
     cache_teacher_only: bool = typer.Option(False, "--cache-teacher-only", help="only run the teacher over the "
                                             "batches of this run and write --teacher-cache, then exit"),
     save_every: int = typer.Option(50, help="save a resumable state every N steps"),
@@ -56,6 +56,8 @@ def distill(
                                                 "to it after 5 steps"),
     fsdp: bool = typer.Option(False, help="shard with FSDP2 (each decoder layer, then the root); torchrun only"),
     bf16: bool = typer.Option(False, help="autocast to bfloat16 (GPUs)"),
+    loss_chunk: int = typer.Option(DISTILL_LOSS_CHUNK, help="positions per chunk of the KL/NLL, each checkpointed (0: the whole "
+                                   "sequence at once; memory, not results)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
     seed: int = typer.Option(0, help="data order seed"),
     eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text for PPL before/after ('' to skip)"),
@@ -84,7 +86,7 @@ def distill(
         attn_lr_mult=attn_lr_mult, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         clip=clip, temperature=temperature, alpha=alpha, train_norms=train_norms,
         train_embeddings=train_embeddings, top_k=top_k, seed=seed, save_every=save_every,
-        max_minutes=max_minutes, fsdp=fsdp, bf16=bf16,
+        max_minutes=max_minutes, fsdp=fsdp, bf16=bf16, loss_chunk=loss_chunk,
     )
     cfg.check()
     if not (student_dir / "config.json").is_file():

@@ -33,6 +33,7 @@ about 11 GiB with the defaults, 9 GiB with ``--offload-dir``; docs/scale.md). Se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -132,15 +133,32 @@ def bounded_heap() -> bool:
     statistics of wide layers, the calibration activations) get their own mapping and go back to the
     system when freed; smaller ones (activations of a refinement step, per-window hidden states) are
     reused from the heap instead of being mapped, faulted in and unmapped on every step, and up to
-    256 MiB of free heap top is kept rather than trimmed and re-faulted. No-op off glibc."""
+    256 MiB of free heap top is kept rather than trimmed and re-faulted; :func:`trim_heap` returns
+    the rest after each layer. No-op off glibc."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 256 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Give the free pages inside the heap back to the system (glibc ``malloc_trim(0)``), once per
+    layer: blocks reused within a layer's work stay mapped, what a finished layer freed does not
+    stay resident. No-op off glibc."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 256 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def _set(model, name: str, value: torch.Tensor, device) -> None:
@@ -223,6 +241,7 @@ class Layers:
         layer = self.stream.layers[i]
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(self.model, f"{self.arch.layer_path(i)}.{name}", "meta")
+        trim_heap()
 
 
 # ----------------------------------------------------------------------------- the analysis

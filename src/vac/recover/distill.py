@@ -67,13 +67,11 @@ from torch import nn
 from ..atomic import atomic_write, write_json
 from ..cache import load_entry
 from ..checkpoint.hf.modeling_vac import LowRankLinear
+from ..config import DISTILL_LOSS_CHUNK, DISTILL_TOP_K
 from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
 from .data import DataMix
-
-DEFAULT_TOP_K = 64
-
 
 # ============================================================================ configuration
 
@@ -96,12 +94,13 @@ class DistillConfig:
     alpha: float = 0.5  # weight of the KD term; 1 − alpha on the NLL
     train_norms: bool = False
     train_embeddings: bool = False  # embeddings and a dense lm_head
-    top_k: int = DEFAULT_TOP_K  # only used with a teacher cache
+    top_k: int = DISTILL_TOP_K  # only used with a teacher cache
     seed: int = 0
     save_every: int = 50
     max_minutes: float | None = None  # training-time budget (see plan_steps)
     fsdp: bool = False
     bf16: bool = False  # autocast to bfloat16 (master weights stay float32)
+    loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
 
     def check(self) -> None:
         positive = {"steps": self.steps, "seq_len": self.seq_len - 1, "batch_size": self.batch_size,
@@ -118,10 +117,12 @@ class DistillConfig:
             raise VacError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.loss_chunk < 0:
+            raise VacError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
 
     def defining(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
-        skip = {"save_every", "max_minutes", "fsdp"}
+        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk"}  # loss_chunk: same loss, other memory
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -151,6 +152,44 @@ def kd_sums(student_logits, targets, mask, temperature, teacher_logits=None, tea
     log_q = F.log_softmax(s / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum()
     return kl, nll, int(mask.sum())
+
+
+def chunked_kd_sums(student_logits, targets, mask, temperature, teacher_logits=None, teacher_topk=None,
+                    chunk: int = 128):
+    """:func:`kd_sums` over chunks of ``chunk`` positions, each under activation checkpointing.
+
+    kd_sums upcasts the scored logits to fp32 and keeps several [N, V] intermediates (log-softmax of
+    student and teacher, their difference) for the backward pass: at 7B (vocabulary 100k, 2048
+    positions, batch 4) that is tens of GB. Here the fp32 copies exist for one chunk at a time and
+    are recomputed in the backward pass from the chunk's slice of the logits (a view, no copy), so
+    the loss adds O(chunk·V) memory instead of O(b·P·V). Same sums as kd_sums up to rounding.
+    ``chunk`` 0 or at least P: kd_sums itself. (Fused linear-cross-entropy kernels from maintained
+    libraries, e.g. Liger's, were considered: they fuse the LM head too but have no top-k KL and no
+    CPU path.)"""
+    positions = student_logits.shape[1]
+    if chunk <= 0 or chunk >= positions:
+        return kd_sums(student_logits, targets, mask, temperature, teacher_logits, teacher_topk)
+    from torch.utils.checkpoint import checkpoint
+
+    def part(s, t, m, teacher, values, indices):
+        topk = None if values is None else (values, indices)
+        kl, nll, _ = kd_sums(s, t, m, temperature, teacher, topk)
+        return kl, nll
+
+    kl_sum = nll_sum = student_logits.new_zeros((), dtype=torch.float32)
+    n = 0
+    for a in range(0, positions, chunk):
+        cut = slice(a, a + chunk)
+        m = mask[:, cut]
+        count = int(m.sum())
+        if not count:
+            continue
+        teacher = None if teacher_logits is None else teacher_logits[:, cut]
+        values, indices = (None, None) if teacher_topk is None else (teacher_topk[0][:, cut], teacher_topk[1][:, cut])
+        kl, nll = checkpoint(part, student_logits[:, cut], targets[:, cut], m, teacher, values, indices,
+                             use_reentrant=False)
+        kl_sum, nll_sum, n = kl_sum + kl, nll_sum + nll, n + count
+    return kl_sum, nll_sum, n
 
 
 def combine(kl_sum, nll_sum, n_tokens, temperature, alpha):
@@ -249,13 +288,7 @@ def fill_teacher_cache(
 
     cfg.check()
     env = env or init_distributed()
-    if mix.seq_len != cfg.seq_len:
-        raise VacError(f"data windows hold {mix.seq_len} tokens, --seq-len is {cfg.seq_len}")
-    per_rank, rest = divmod(cfg.batch_size, env.world)
-    micro, rest2 = divmod(per_rank, cfg.grad_accum)
-    if rest or rest2 or micro == 0:
-        raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
-                       f"{cfg.grad_accum} micro-batches")
+    per_rank, micro = _shares(mix, cfg, env)
     load = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
 
     def loaded() -> nn.Module:
@@ -277,6 +310,18 @@ def fill_teacher_cache(
             "samples": cfg.steps * cfg.batch_size, "written": sum(c[1] for c in counts),
             "already_cached": sum(c[0] for c in counts), "seconds": time.perf_counter() - started,
             "teacher_loaded": cache._teacher is not None}
+
+
+def _shares(mix: DataMix, cfg: DistillConfig, env: Dist) -> tuple[int, int]:
+    """Samples per rank and per micro-batch of each step's global batch (checked to split evenly)."""
+    if mix.seq_len != cfg.seq_len:
+        raise VacError(f"data windows hold {mix.seq_len} tokens, --seq-len is {cfg.seq_len}")
+    per_rank, rest = divmod(cfg.batch_size, env.world)
+    micro, rest2 = divmod(per_rank, cfg.grad_accum)
+    if rest or rest2 or micro == 0:
+        raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
+                       f"{cfg.grad_accum} micro-batches")
+    return per_rank, micro
 
 
 def _valid_entry(entry, positions: int, k: int) -> bool:
@@ -501,13 +546,7 @@ def run_distill(
     env = env or init_distributed()
     out = Path(out)
     run_info = dict(run_info or {})
-    if mix.seq_len != cfg.seq_len:
-        raise VacError(f"data windows hold {mix.seq_len} tokens, --seq-len is {cfg.seq_len}")
-    per_rank, rest = divmod(cfg.batch_size, env.world)
-    micro, rest2 = divmod(per_rank, cfg.grad_accum)
-    if rest or rest2 or micro == 0:
-        raise VacError(f"--batch-size {cfg.batch_size} must split evenly into {env.world} processes × "
-                       f"{cfg.grad_accum} micro-batches")
+    per_rank, micro = _shares(mix, cfg, env)
     resume_path = output_state(out, overwrite)  # every rank checks (the folder is shared)
     # a state that cannot be read is reported and the run starts over (states are written atomically)
     state = load_entry(resume_path, lambda p: torch.load(p, weights_only=False)) if resume_path else None
@@ -579,11 +618,13 @@ def run_distill(
                 logits = model(input_ids=x, use_cache=False).logits[:, :-1]
                 targets, smask = x[:, 1:], xm[:, 1:]
                 if cache is not None:
-                    kl, nll, n = kd_sums(logits, targets, smask, cfg.temperature, teacher_topk=cache.get(x, xm, device))
+                    kl, nll, n = chunked_kd_sums(logits, targets, smask, cfg.temperature,
+                                                 teacher_topk=cache.get(x, xm, device), chunk=cfg.loss_chunk)
                 else:
                     with torch.no_grad():
                         t_logits = get_teacher()(input_ids=x, use_cache=False).logits[:, :-1]
-                    kl, nll, n = kd_sums(logits, targets, smask, cfg.temperature, teacher_logits=t_logits)
+                    kl, nll, n = chunked_kd_sums(logits, targets, smask, cfg.temperature, teacher_logits=t_logits,
+                                                 chunk=cfg.loss_chunk)
                 loss = combine(kl, nll, n_scored, cfg.temperature, cfg.alpha) * env.world
             loss.backward()
             sums += torch.tensor([kl.item(), nll.item(), float(xm.sum())], dtype=torch.float64)
