@@ -160,7 +160,7 @@ def test_bad_inputs_get_one_line_errors(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = [
         (["export", str(tmp_path / "empty"), "--onnx", str(tmp_path / "x")], "not a model folder"),
-        (["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "x")], "not a model folder"),
+        (["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "x")], "no such model folder"),
         (["export", str(root / "vac"), "--onnx", str(root / "vac-onnx")], "already exists"),
         (["export", str(root / "vac"), "--onnx", str(root / "vac" / "sub")], "overlaps"),
         (["chat", str(root / "vac"), "--runtime", "onnx", "-p", "hi"], "not a vac ONNX export"),

@@ -79,16 +79,14 @@ def _require_onnx():
 
 
 def _load_source(source: str):
-    """(model, tokenizer, kind) for a vac checkpoint folder, a dense model folder or an embedded name."""
+    """(model, tokenizer, kind) for a vac checkpoint folder, a dense model folder, an embedded name
+    or a hub id."""
     from ..checkpoint import rank_map
-    from ..models.zoo import EMBEDDED, load_model
+    from ..models.zoo import load_model, resolve_model
 
-    path = Path(source)
-    if source not in EMBEDDED:
-        if not path.is_dir():
-            raise VacError(f"{source} is not a model folder or an embedded model name (embedded: {', '.join(EMBEDDED)})")
-        if not (path / "config.json").is_file():
-            raise VacError(f"{source} is not a model folder (no config.json)")
+    resolved = Path(resolve_model(source))  # a one-line error for a missing folder
+    if resolved.is_dir() and not (resolved / "config.json").is_file():
+        raise VacError(f"{source} is not a model folder (no config.json)")
     model, tokenizer = load_model(source, dtype=torch.float32)
     if getattr(model.config, "quantization_config", None) is not None:
         raise VacError(f"{source} is an int8 (torchao) checkpoint: export its fp32 source with --int8 instead")

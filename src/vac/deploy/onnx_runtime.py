@@ -32,7 +32,10 @@ class OnnxCausalLM:
     """An exported folder in an ONNX Runtime session on the CPU (``threads`` intra-op threads)."""
 
     def __init__(self, folder, *, threads: int | None = None):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise VacError("the ONNX runtime needs onnxruntime (pip install 'vac[onnx]')") from None
 
         folder = Path(folder)
         if not is_onnx_folder(folder):
