@@ -31,6 +31,7 @@ CANDIDATES = (  # what results/strategy_probe.json holds, over today's defaults
     {"allocation": "depth"},
     {"refine": "own"},
     {},
+    {"fisher_exponent": 0.5},
 )
 
 
