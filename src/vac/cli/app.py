@@ -65,6 +65,15 @@ def _out_of_memory(command: str, exc: BaseException):
     raise typer.Exit(2) from None
 
 
+RUNTIMES = ("torch", "onnx")  # --runtime of vac chat and vac bench
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise VacError(f"unknown --runtime '{runtime}'; choose {' or '.join(RUNTIMES)}")
+    return runtime
+
+
 def command_line() -> str:
     """The command as the user typed it (for reports)."""
     return " ".join(["vac"] + sys.argv[1:])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import VacError
-from .app import app, err, friendly, out
+from .app import app, check_runtime, command_line, err, friendly, out
 
 
 def _mb(n) -> str:
@@ -36,7 +35,7 @@ def quantize(
 
     summary = quantize_checkpoint(
         checkpoint_dir, out_dir, scheme=scheme, overwrite=overwrite, eval_data=eval_data or None,
-        eval_windows=eval_windows, seq_len=seq_len, command=" ".join(["vac"] + sys.argv[1:]),
+        eval_windows=eval_windows, seq_len=seq_len, command=command_line(),
     )
     summary["out"] = str(out_dir)
     if as_json:
@@ -80,11 +79,9 @@ def bench_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ):
     """Dense vs factorized (vs int8) in one process: prefill and decode tokens/s, size, memory, FLOPs."""
-
     from ..deploy.bench import bench
 
-    if runtime not in ("torch", "onnx"):
-        raise VacError(f"unknown --runtime '{runtime}'; choose torch or onnx")
+    check_runtime(runtime)
     if runtime == "onnx":
         if int8 is not None or compile_:
             raise VacError("--int8 and --compile are for --runtime torch (use --onnx-int8 with --runtime onnx)")
@@ -98,28 +95,35 @@ def bench_cmd(
         use_compile=compile_,
         log=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
     )
-    result["command"] = " ".join(["vac"] + sys.argv[1:])
+    result["command"] = command_line()
     if as_json:
         print(json.dumps(result))
         return
     models = result["models"]
-    dense = models["dense"]
     rows = [
         ("parameters", lambda m: f"{m['params'] / 1e6:,.1f} M"),
         ("weight MACs / token", lambda m: f"{m['linear_macs_per_token'] / 1e6:,.1f} M"),
         ("weights on disk", lambda m: _mb(m["disk_bytes"])),
         ("resident after load", lambda m: _mb(m["resident_bytes"])),
         ("load peak RSS (fresh process)", lambda m: _mb(m.get("load_peak_rss_increase_bytes"))),
-        (f"prefill {result['prompt_len']} tok/s", lambda m: f"{m['prefill_tokens_per_s']:,.1f}"),
-        ("  vs dense", lambda m: f"{m['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x"),
-        (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
-        ("  vs dense", lambda m: f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"),
+        *_speed_rows(result, "dense"),
     ]
     out.print(_models_table(f"vac bench: {result['baseline']} vs {checkpoint_dir}", models, rows))
     out.print(f"weight-FLOP ratio (dense / vac), the limit of each speed-up: decode {result['flops_ratio']:.3f}x "
               f"(LM head on every token), prefill {result['prefill_flops_ratio']:.3f}x (LM head once); "
               f"process peak RSS {_mb(result['process_peak_rss_bytes'])}", highlight=False)
     out.print(f"[dim]{result['protocol']}[/dim]", highlight=False)
+
+
+def _speed_rows(result: dict, baseline: str) -> list:
+    """Prefill and decode tokens/s of every model, each against ``baseline``'s."""
+    base = result["models"][baseline]
+    return [
+        (f"prefill {result['prompt_len']} tok/s", lambda m: f"{m['prefill_tokens_per_s']:,.1f}"),
+        (f"  vs {baseline}", lambda m: f"{m['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x"),
+        (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
+        (f"  vs {baseline}", lambda m: f"{m['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x"),
+    ]
 
 
 def _models_table(title: str, models: dict, rows: list):
@@ -136,26 +140,21 @@ def _models_table(title: str, models: dict, rows: list):
 
 
 def _bench_onnx(checkpoint_dir, baseline, int8, prompt_len, decode_tokens, repeats, threads, export_dir, as_json):
-
     from ..deploy.bench_onnx import bench_onnx
 
     result = bench_onnx(checkpoint_dir, baseline, int8=int8, prompt_len=prompt_len, decode_tokens=decode_tokens,
                         repeats=repeats, threads=threads, export_dir=export_dir,
                         log=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-    result["command"] = " ".join(["vac"] + sys.argv[1:])
+    result["command"] = command_line()
     if as_json:
         print(json.dumps(result))
         return
     models = result["models"]
-    dense = models["dense-onnx"]
     rows = [
         ("parameters", lambda m: f"{m['params'] / 1e6:,.1f} M"),
         ("weight MACs / token", lambda m: f"{m['linear_macs_per_token'] / 1e6:,.1f} M"),
         ("ONNX weights", lambda m: _mb(m.get("onnx_bytes"))),
-        (f"prefill {result['prompt_len']} tok/s", lambda m: f"{m['prefill_tokens_per_s']:,.1f}"),
-        ("  vs dense-onnx", lambda m: f"{m['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x"),
-        (f"decode tg{result['decode_tokens']} tok/s", lambda m: f"{m['decode_tokens_per_s']:,.2f}"),
-        ("  vs dense-onnx", lambda m: f"{m['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"),
+        *_speed_rows(result, "dense-onnx"),
     ]
     out.print(_models_table(f"vac bench --runtime onnx: {result['baseline']} vs {checkpoint_dir}", models, rows))
     line = (f"weight-FLOP limits (dense / vac): decode {result['flops_ratio']:.3f}x, prefill "

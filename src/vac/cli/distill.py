@@ -56,8 +56,8 @@ def distill(
                                                 "to it after 5 steps"),
     fsdp: bool = typer.Option(False, help="shard with FSDP2 (each decoder layer, then the root); torchrun only"),
     bf16: bool = typer.Option(False, help="autocast to bfloat16 (GPUs)"),
-    loss_chunk: int = typer.Option(DISTILL_LOSS_CHUNK, help="positions per chunk of the KL/NLL, each checkpointed (0: the whole "
-                                   "sequence at once; memory, not results)"),
+    loss_chunk: int = typer.Option(DISTILL_LOSS_CHUNK, help="positions per chunk of the KL/NLL, each "
+                                   "checkpointed (0: the whole sequence at once; memory, not results)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
     seed: int = typer.Option(0, help="data order seed"),
     eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text for PPL before/after ('' to skip)"),
@@ -138,7 +138,8 @@ def distill(
         "command": " ".join(["vac"] + sys.argv[1:]),
     }
     result = run_distill(
-        student, None if teacher_cache else (lambda: load_model(teacher)[0]), mix, cfg, out_dir, tokenizer=tok, eval_windows=windows,
+        student, None if teacher_cache else (lambda: load_model(teacher)[0]), mix, cfg, out_dir, tokenizer=tok,
+        eval_windows=windows,
         teacher_cache=teacher_cache, teacher_id=teacher_source, run_info=run_info, overwrite=overwrite,
         save_dtype=save_dtype, extra_files=reports, env=env,
     )

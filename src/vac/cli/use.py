@@ -13,7 +13,7 @@ from rich.console import Console
 
 from ..config import DEFAULT_EVAL
 from ..errors import VacError
-from .app import app, friendly
+from .app import app, check_runtime, friendly
 
 # resolved at print time, so that redirected/captured streams are honoured
 out = Console(highlight=False)
@@ -25,8 +25,7 @@ CHAT_HELP = "/exit or Ctrl-D quits, /reset clears the conversation, Ctrl-C stops
 def _load(model: str, runtime: str = "torch"):
     from ..models.zoo import load_model
 
-    if runtime not in ("torch", "onnx"):
-        raise VacError(f"unknown --runtime '{runtime}'; choose torch or onnx")
+    check_runtime(runtime)
     with err.status(f"loading {model}…"):
         if runtime == "onnx":
             from transformers import AutoTokenizer

@@ -185,8 +185,12 @@ def head_macs(model) -> int:
 
 def prefill_macs(model, tokens: int) -> int:
     """Weight multiply-accumulates of a prefill of ``tokens`` tokens that keeps the last logits only."""
-    head = head_macs(model)
-    return (linear_macs(model) - head) * tokens + head
+    return prefill_cost(linear_macs(model), head_macs(model), tokens)
+
+
+def prefill_cost(per_token: int, head: int, tokens: int) -> int:
+    """:func:`prefill_macs` from the per-token counts: the decoder on every token, the head once."""
+    return (per_token - head) * tokens + head
 
 
 def param_count(model) -> int:

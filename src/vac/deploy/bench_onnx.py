@@ -26,13 +26,16 @@ from pathlib import Path
 import torch
 
 from ..errors import VacError
-from .bench import DECODE_PROMPT, greedy_generate, peak_rss_bytes, resolve_baseline, time_generation
+from .bench import (
+    DECODE_PROMPT,
+    greedy_generate,
+    peak_rss_bytes,
+    prefill_cost,
+    resolve_baseline,
+    time_generation,
+)
 from .onnx_export import MANIFEST, OnnxExportConfig, export_onnx
 from .onnx_runtime import OnnxCausalLM, is_onnx_folder
-
-
-def _prefill_macs(manifest: dict, tokens: int) -> int:
-    return (manifest["linear_macs_per_token"] - manifest["head_macs"]) * tokens + manifest["head_macs"]
 
 
 def _onnx_folder(given: str, name: str, export_dir: Path, int8: bool, log) -> Path:
@@ -95,17 +98,17 @@ def bench_onnx(
             if is_onnx_folder(ckpt):
                 raise VacError("--int8 exports the vac checkpoint again: give the checkpoint folder, not its export")
             folders["vac-int8-onnx"] = _onnx_folder(str(ckpt), "vac-int8", export_dir, True, log)
-        results, runners, vocab = {}, {}, None
+        results, runners, vocabs = {}, {}, []
         for name, folder in folders.items():
             model = OnnxCausalLM(folder, threads=threads)
             manifest = model.manifest
             if manifest["kind"] != ("dense" if name.startswith("dense") else "vac"):
                 raise VacError(f"{folder} holds a {manifest['kind']} model where the {name} model was expected")
-            vocab = min(vocab or 1 << 62, int(model.config.vocab_size))
+            vocabs.append(int(model.config.vocab_size))
             results[name] = {
                 "folder": str(folder), "source": manifest["source"], "params": manifest["params"],
                 "linear_macs_per_token": manifest["linear_macs_per_token"],
-                "prefill_macs": _prefill_macs(manifest, prompt_len),
+                "prefill_macs": prefill_cost(manifest["linear_macs_per_token"], manifest["head_macs"], prompt_len),
                 "onnx_bytes": manifest["weights_bytes"], "int8": manifest["int8"],
             }
             runners[name] = lambda ids, n, m=model: m.generate(ids, max_new_tokens=n, min_new_tokens=n)
@@ -119,7 +122,7 @@ def bench_onnx(
                                       "linear_macs_per_token": linear_macs(dense),
                                       "prefill_macs": prefill_macs(dense, prompt_len)}
             runners["dense-eager"] = lambda ids, n, m=dense: greedy_generate(m, ids, n)
-        for name, timing in time_generation(runners, vocab, prompt_len, decode_tokens, repeats, log).items():
+        for name, timing in time_generation(runners, min(vocabs), prompt_len, decode_tokens, repeats, log).items():
             results[name].update(timing)
     finally:
         if scratch is not None:

@@ -194,7 +194,7 @@ def export_onnx(source, out, config: OnnxExportConfig | None = None, *, overwrit
         raise VacError(f"output folder {out} already exists (pass --overwrite to replace it)")
     if config.sample_len < 2:
         raise VacError("sample_len must be at least 2")
-    check_output(out, {"source model": source if Path(str(source)).exists() else None})
+    check_output(out, {"source model": source})  # names that are not local paths are skipped
     model, tokenizer, kind = _load_source(str(source))
     started = time.perf_counter()
     submodel, inputs = _decode_step(model, config.sample_len)
@@ -220,7 +220,6 @@ def export_onnx(source, out, config: OnnxExportConfig | None = None, *, overwrit
             "kind": kind,
             "model_type": model.config.model_type,
             "int8": config.int8,
-            "ort_fusions": "cpu" if config.fusions else None,
             "config": dataclasses.asdict(config),
             "int8_matmuls": quantized,
             "graph": GRAPH,

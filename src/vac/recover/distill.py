@@ -289,15 +289,7 @@ def fill_teacher_cache(
     cfg.check()
     env = env or init_distributed()
     per_rank, micro = _shares(mix, cfg, env)
-    load = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
-
-    def loaded() -> nn.Module:
-        model = load()
-        if model is None:
-            raise VacError("filling the teacher cache needs a teacher")
-        return model.to(env.device).eval()
-
-    cache = TopKCache(root, cfg.top_k, teacher_id, loaded)
+    cache = TopKCache(root, cfg.top_k, teacher_id, _teacher_loader(teacher, env.device))
     started = time.perf_counter()
     lo = env.rank * per_rank
     for step in tqdm(range(cfg.steps), desc="teacher cache", unit="step", disable=not (progress and env.main)):
@@ -310,6 +302,28 @@ def fill_teacher_cache(
             "samples": cfg.steps * cfg.batch_size, "written": sum(c[1] for c in counts),
             "already_cached": sum(c[0] for c in counts), "seconds": time.perf_counter() - started,
             "teacher_loaded": cache._teacher is not None}
+
+
+def _teacher_loader(teacher, device, vocab: int | None = None) -> Callable[[], nn.Module]:
+    """A zero-argument function that loads ``teacher`` (a model or a zero-argument loader) once, on
+    ``device``, in eval mode with frozen parameters, checking its vocabulary against ``vocab``."""
+    load = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
+    box: list = []
+
+    def get() -> nn.Module:
+        if not box:
+            model = load()
+            if model is None:
+                raise VacError("teacher logits are needed but no teacher was given")
+            model.to(device).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if vocab is not None and model.config.vocab_size != vocab:
+                raise VacError(f"teacher vocabulary ({model.config.vocab_size}) differs from the student's ({vocab})")
+            box.append(model)
+        return box[0]
+
+    return get
 
 
 def _shares(mix: DataMix, cfg: DistillConfig, env: Dist) -> tuple[int, int]:
@@ -554,22 +568,7 @@ def run_distill(
         _check_same_run(state, cfg, run_info, out)
 
     device = env.device
-    load_teacher = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
-    _teacher_box: list = []
-
-    def get_teacher() -> nn.Module:
-        if not _teacher_box:
-            model = load_teacher()
-            if model is None:
-                raise VacError("teacher logits are needed but no teacher was given")
-            model.to(device).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            if model.config.vocab_size != student.config.vocab_size:
-                raise VacError(f"teacher vocabulary ({model.config.vocab_size}) differs from the student's "
-                               f"({student.config.vocab_size})")
-            _teacher_box.append(model)
-        return _teacher_box[0]
+    get_teacher = _teacher_loader(teacher, device, student.config.vocab_size)
 
     # with a cache, training reads teacher logits only from it (filled by fill_teacher_cache)
     cache = TopKCache(teacher_cache, cfg.top_k, teacher_id) if teacher_cache else None
