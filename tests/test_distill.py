@@ -307,6 +307,28 @@ def test_resume_equals_uninterrupted(tmp_path):
         run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", progress=False)
 
 
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_run(tmp_path):
+    """--grad-checkpoint: each decoder layer's inside runs twice per micro-batch (forward, then again
+    in the backward), and the losses and weights are those of the plain run."""
+    teacher = tiny_llama(seed=0)
+    runs = {}
+    for name, on in (("plain", False), ("ckpt", True)):
+        student, calls = student_of(), {"n": 0}
+        for layer in student.model.layers:  # a pre-hook inside the layer fires in the recompute too (which stops
+            # early, once the last saved tensor is rebuilt: a forward hook on the MLP would not)
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        result = run_distill(student, teacher, mix_of(), config(steps=3, grad_checkpoint=on), tmp_path / name,
+                             progress=False)
+        runs[name] = (result, calls["n"])
+    assert runs["plain"][1] == 3 * 2 * 2  # steps × micro-batches × layers
+    assert runs["ckpt"][1] == 2 * runs["plain"][1]
+    for key in ("loss", "kl", "nll", "grad_norm"):
+        assert [r[key] for r in runs["ckpt"][0].report["loss_curve"]] == pytest.approx(
+            [r[key] for r in runs["plain"][0].report["loss_curve"]], rel=1e-6), key
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
 def test_teacher_cache_is_a_pass_of_its_own_and_training_never_loads_the_teacher(tmp_path):
     teacher = tiny_llama(seed=0)
     cfg = config(steps=3, top_k=VOCAB)
@@ -365,6 +387,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     torch.save(((mix.text.ids, mix.text.mask), (mix.chat.ids, mix.chat.mask)), tmp_path / "data.pt")
     runs = [(str(tmp_path / name), config(steps=4, grad_accum=1, fsdp=fsdp).__dict__)
             for name, fsdp in (("ddp", False), ("fsdp", True))]
+    # FSDP2 with the MixedPrecisionPolicy, activation checkpointing and the teacher sharded too
+    runs.append((str(tmp_path / "fsdp-bf16"), config(steps=4, grad_accum=1, fsdp=True, bf16=True,
+                                                     grad_checkpoint=True).__dict__))
     (tmp_path / "run.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "student"),
@@ -378,6 +403,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for name in ("ddp", "fsdp"):
         two = json.loads((tmp_path / name / "distill.json").read_text())
         assert two["world_size"] == 2 and two["config"]["fsdp"] == (name == "fsdp")
+        assert two["teacher_sharded"] == (name == "fsdp")
         for key in ("loss", "kl", "nll", "grad_norm", "lr", "tokens"):  # grad_norm: reductions scaled right
             assert [r[key] for r in two["loss_curve"]] == pytest.approx(
                 [r[key] for r in one.report["loss_curve"]], rel=1e-5, abs=1e-7), (name, key)
@@ -385,6 +411,26 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert trained.keys() == reference.keys()
         for k in reference:
             torch.testing.assert_close(trained[k], reference[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
+    # bf16 compute: one process autocasts, two shard with bf16 parameters; same run within bf16 rounding
+    mixed = json.loads((tmp_path / "fsdp-bf16" / "distill.json").read_text())
+    student, _ = checkpoint.load(tmp_path / "student")
+    one_bf16 = run_distill(student, teacher, mix, config(steps=4, grad_accum=2, bf16=True, grad_checkpoint=True),
+                           tmp_path / "one-bf16", progress=False)
+    assert mixed["config"]["bf16"] and mixed["config"]["grad_checkpoint"] and mixed["world_size"] == 2
+    for key in ("loss", "kl", "nll"):
+        assert [r[key] for r in mixed["loss_curve"]] == pytest.approx(
+            [r[key] for r in one_bf16.report["loss_curve"]], rel=2e-2), key
+    assert [r["loss"] for r in mixed["loss_curve"]] != pytest.approx([r["loss"] for r in one.report["loss_curve"]],
+                                                                     rel=1e-6)  # bf16 did apply
+    trained, ref16 = weights(tmp_path / "fsdp-bf16"), weights(tmp_path / "one-bf16")
+    assert {t.dtype for t in trained.values()} == {torch.float32}  # master weights stay fp32
+    start = weights(tmp_path / "student")
+    moved = {k: (ref16[k] - start[k]).norm() / start[k].norm().clamp_min(1e-12) for k in ref16}
+    apart = {k: (trained[k] - ref16[k]).norm() / start[k].norm().clamp_min(1e-12) for k in ref16}
+    trained_keys = [k for k in ref16 if moved[k] > 0]
+    assert len(trained_keys) == 2 * 11  # the factors and dense linears of both layers trained
+    for k in ref16:  # the two bf16 runs differ by under a tenth of how far training moved each weight
+        assert apart[k] <= 0.1 * moved[k], (k, float(moved[k]), float(apart[k]))
 
 
 # ----------------------------------------------------------------------------- CLI

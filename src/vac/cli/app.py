@@ -19,7 +19,7 @@ err = Console(stderr=True)
 # per command: the options that lower its memory, named in the out-of-memory message
 MEMORY_HINTS = {
     "compress": "--calib-windows, --fisher-windows or --seq-len (or --device cpu)",
-    "search": "--calib-windows, --fisher-windows, --seq-len or --workers",
+    "search": "--calib-windows, --fisher-windows, --seq-len, --population or --workers (or use --streamed)",
     "distill": "--batch-size (with --grad-accum), --seq-len or --top-k",
     "eval": "--seq-len", "bench": "--prompt-len", "quantize": "--seq-len",
 }

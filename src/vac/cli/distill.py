@@ -54,8 +54,12 @@ def distill(
     save_every: int = typer.Option(50, help="save a resumable state every N steps"),
     max_minutes: Optional[float] = typer.Option(None, help="training time budget; the schedule is fitted "
                                                 "to it after 5 steps"),
-    fsdp: bool = typer.Option(False, help="shard with FSDP2 (each decoder layer, then the root); torchrun only"),
-    bf16: bool = typer.Option(False, help="autocast to bfloat16 (GPUs)"),
+    fsdp: bool = typer.Option(False, help="shard the student and the teacher with FSDP2 (each decoder layer, then "
+                              "the root); torchrun only"),
+    bf16: bool = typer.Option(False, help="bfloat16 compute, fp32 master weights (with --fsdp: FSDP2's "
+                              "MixedPrecisionPolicy, fp32 gradient reduction; otherwise autocast); GPUs"),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute each decoder layer in the "
+                                         "backward (activation checkpointing): less memory, ~1/3 more compute"),
     loss_chunk: int = typer.Option(DISTILL_LOSS_CHUNK, help="positions per chunk of the KL/NLL, each "
                                    "checkpointed (0: the whole sequence at once; memory, not results)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
@@ -86,7 +90,7 @@ def distill(
         attn_lr_mult=attn_lr_mult, warmup=warmup, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         clip=clip, temperature=temperature, alpha=alpha, train_norms=train_norms,
         train_embeddings=train_embeddings, top_k=top_k, seed=seed, save_every=save_every,
-        max_minutes=max_minutes, fsdp=fsdp, bf16=bf16, loss_chunk=loss_chunk,
+        max_minutes=max_minutes, fsdp=fsdp, bf16=bf16, grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
     )
     cfg.check()
     if not (student_dir / "config.json").is_file():

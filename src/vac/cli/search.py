@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..config import DEFAULT_MODEL, DataConfig, EvalConfig, StrategyConfig
+from ..errors import VacError
 from ..search.space import DATA_FIELDS, SearchSetup
 from .app import app, err, friendly, out
 from .options import config_options
@@ -36,6 +37,10 @@ def search(
     rank_step: int = typer.Option(StrategyConfig.rank_step, help="rank grid step of the allocation"),
     rank_floor: int = typer.Option(StrategyConfig.rank_floor, help="smallest rank a matrix can get"),
     workers: int = typer.Option(1, help="worker processes scoring candidates in parallel (proxy scoring)"),
+    streamed: bool = typer.Option(SearchSetup.streamed, "--streamed/--in-memory",
+                                  help="memory bounded by one decoder layer (statistics and factors per layer on "
+                                       "disk, a generation scored in one pass over the layers; the order stays "
+                                       "front-to-back); --in-memory loads the whole model and searches the order"),
     ablation: bool = typer.Option(False, "--ablation", help="instead of searching: the default with one setting "
                                   "changed (order, Fisher exponent, allocation), scored on search and eval"),
     *, data: DataConfig,
@@ -48,9 +53,11 @@ def search(
     setup = SearchSetup(
         model=model, ratio=ratio, population=population, seed=seed, search_data=search_data,
         search_windows=search_windows, eval_data=eval_data, eval_windows=eval_windows, rank_step=rank_step,
-        rank_floor=rank_floor, top_k=top_k, proxy=proxy, **{k: getattr(data, k) for k in DATA_FIELDS},
+        rank_floor=rank_floor, top_k=top_k, proxy=proxy, streamed=streamed, **{k: getattr(data, k) for k in DATA_FIELDS},
     )
     log = lambda msg: err.print(msg, highlight=False)  # noqa: E731
+    if ablation and streamed:
+        raise VacError("--ablation runs in memory (it compresses the default with other orders); drop --streamed")
     if ablation:
         doc = run_ablation(setup, out_dir, log=log)
         out.print(ablation_table(doc))

@@ -2,8 +2,8 @@
 
 The same arithmetic as docs/scale.md, written once: the out-of-memory line of ``vac compress`` names
 the bytes of the stage it failed in, and ``benchmarks/scale.py`` prints the plan beside the measured
-peak. The terms follow the code of :mod:`vac.core.stream`: what stays loaded (embeddings, head, one
-decoder layer in fp32), the hidden states a pass keeps, one layer's fp64 input statistics, and the
+peak. The terms follow the code of :mod:`vac.core.stream`: what is loaded (one decoder layer in fp32;
+the embedding for a pass's first step, the head for its last), the hidden states a pass keeps, one layer's fp64 input statistics, and the
 transient work of the largest matrix (its Cholesky factor and working copy, the weighted matrix and
 its SVD). Estimates, not guarantees: the allocator and the interpreter add a few hundred MB.
 """
@@ -71,7 +71,7 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     interpreter and libraries, about 0.5 GiB); ``offload``: hidden states in files (``--offload-dir``),
     one batch of them in memory; ``refine``: the refinement's target (:mod:`vac.core.refine`)."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
-    resident = v * h * FP32 * (1 if shapes.tied else 2) + layer * FP32  # embeddings, head, one layer
+    table = v * h * FP32  # the embedding or the head, each loaded only for a pass's first or last step
     boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
     inner = max(o for o, _ in shapes.linears.values())  # widest activation inside a layer
     acts = seq_len * (4 * inner + 8 * h) * FP32  # one window's activations inside a layer
@@ -86,14 +86,42 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     # kept for the backward, and the factors' gradients and Adam moments
     targets = {"none": 0, "own": 1, "dense": 2}[refine] * kept // 2 * boundary
     fit = (2 * batch_size * acts + 3 * compressed) if refine != "none" else 0
+    dense = layer * FP32  # one decoder layer in fp32
     return {
-        "the Fisher pass": resident + kept_fisher * boundary
-        + max(logits, stats + grad + acts, _math(shapes, full_svd=False)),
-        "the allocation curves": resident + kept * boundary + batch_size * acts
-        + max(stats, _math(shapes, full_svd=False)),
-        "the factorization": resident + kept * boundary + targets + batch_size * acts + compressed
-        + max(stats, _math(shapes, full_svd=True), fit),
-        "the save": resident + layer * FP32,
+        "the Fisher pass": kept_fisher * boundary
+        + max(table + logits, dense + max(stats + grad + acts, _math(shapes, full_svd=False))),
+        "the allocation curves": kept * boundary
+        + max(table, dense + batch_size * acts + max(stats, _math(shapes, full_svd=False))),
+        "the factorization": kept * boundary + targets
+        + max(table, dense + batch_size * acts + compressed + max(stats, _math(shapes, full_svd=True), fit)),
+        # the tensors outside the layers read and converted (at most two fp32-sized copies of them)
+        "the save": table * (1 if shapes.tied else 2) + dense,
+    }
+
+
+def search_bytes(shapes: Shapes, *, population: int, search_windows: int, calib_windows: int, seq_len: int,
+                 fisher_windows: int, batch_size: int, refine: str = "none") -> dict[str, int]:
+    """Bytes needed by each stage of the streamed ``vac search`` (:mod:`vac.search.streamed`); the full
+    re-scores are streamed compressions (:func:`stage_bytes`, their largest stage)."""
+    h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
+    table, dense = v * h * FP32, layer * FP32  # the embedding or the head; one decoder layer
+    boundary = seq_len * h * FP32
+    inner = max(o for o, _ in shapes.linears.values())
+    acts = seq_len * (4 * inner + 8 * h) * FP32
+    stats = sum(n * n * FP64 for n in shapes.group_inputs())
+    factor_set = dense  # one layer's factors at the largest useful rank (each at most the dense size)
+    compress = stage_bytes(shapes, windows=calib_windows, seq_len=seq_len, fisher_windows=fisher_windows,
+                           batch_size=batch_size, refine=refine)
+    genomes = population * search_windows * boundary  # every genome's hidden states at one boundary
+    return {
+        "the Fisher pass": compress["the Fisher pass"],
+        "the input statistics": 2 * calib_windows * boundary + max(table, dense + batch_size * acts + stats),
+        "the factor sets": dense + stats + factor_set + _math(shapes, full_svd=True),
+        # a layer: the dense layer, one factor set of it, the low-rank layer being scored, the genome's
+        # outputs beside its inputs; the end: the head and one window's logits
+        "the proxy scores": genomes + max(table + 2 * seq_len * v * FP32,
+                                          dense + factor_set + dense // 2 + search_windows * boundary + acts),
+        "the full re-scores": max(compress.values()),
     }
 
 

@@ -76,6 +76,9 @@ def cholesky_adaptive(xtx: torch.Tensor, tokens: int = 1, in_place: bool = False
                    "(non-finite activations? check the model and the calibration text)")
 
 
+APPLY_ROWS = 1024  # rows of the weighted matrix multiplied by R at a time (32 MB of fp64 at width 4096)
+
+
 @dataclass
 class Weighting:
     """``left`` [out] diagonal (or None), ``right`` [in, in] lower-triangular or [in] diagonal (or None)."""
@@ -88,13 +91,20 @@ class Weighting:
     target: torch.Tensor | None = None
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """Dₗ W R in fp64, built in one [out, in] buffer: the scalings in place and the product with
+        R by blocks of rows (a whole ``a @ R`` would hold two such matrices, 0.36 GB each at 11008×4096)."""
         a = weight.double()
+        if a is weight:  # already fp64: work on a copy
+            a = a.clone()
         if self.left is not None:
-            a = self.left[:, None] * a
+            a.mul_(self.left[:, None])
         if self.target is not None:
             return a @ self.target
-        if self.right is not None:
-            a = a * self.right[None, :] if self.right.dim() == 1 else a @ self.right
+        if self.right is not None and self.right.dim() == 1:
+            a.mul_(self.right[None, :])
+        elif self.right is not None:
+            for rows in a.split(APPLY_ROWS):
+                rows.copy_(rows @ self.right)
         return a
 
     def factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):

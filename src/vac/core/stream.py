@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def _set(model, name: str, value: torch.Tensor, device) -> None:
 
 def skeleton(folder: str | os.PathLike, device, load: bool = True):
     """``(model, reader)``: the model of ``folder`` with every parameter on meta except those outside
-    the decoder layers, which are loaded in fp32 on ``device`` (``load=False``: none, for shapes)."""
+    the decoder layers, which are loaded in fp32 on ``device`` (``load=False``: none; :class:`Layers`
+    loads them when a pass needs them)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -177,26 +179,33 @@ def skeleton(folder: str | os.PathLike, device, load: bool = True):
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if not load:
-        return model.eval(), reader
+    model.requires_grad_(False)  # the Fisher pass turns on the weights it needs, one layer at a time
     arch = arch_for(model)
     prefix = arch.layers + "."
     present = set(reader.names())
-    for name, _ in list(model.named_parameters()):
-        if name.startswith(prefix):
-            continue
-        if name not in present:
-            if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-                continue  # tied: set below
+    for name, _ in model.named_parameters():
+        if not name.startswith(prefix) and name not in present and not _tied(model, name):
             raise VacError(f"{folder} is missing tensor {name}")
-        _set(model, name, reader.get(name).float(), device)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in present:
-        model.get_submodule(arch.head).weight = model.get_submodule(arch.embed).weight
     for name, buf in list(model.named_buffers()):
         if not name.startswith(prefix) and buf.device.type != "meta":
             _set(model, name, buf.to(device), device)
-    model.requires_grad_(False)  # the Fisher pass turns on the weights it needs, one layer at a time
+    if load:
+        _load_outer(model, reader, device, [n for n, _ in model.named_parameters() if not n.startswith(prefix)])
     return model.eval(), reader
+
+
+def _tied(model, name: str) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _load_outer(model, reader: ShardReader, device, names: list[str]) -> None:
+    """Load the named parameters outside the decoder layers (fp32); a tied head shares the embedding."""
+    arch, present = arch_for(model), set(reader.names())
+    for name in names:
+        if name in present:
+            _set(model, name, reader.get(name).float(), device)
+    if any(_tied(model, n) for n in names) and "lm_head.weight" not in present:
+        model.get_submodule(arch.head).weight = model.get_submodule(arch.embed).weight
 
 
 class Layers:
@@ -213,6 +222,46 @@ class Layers:
 
     def __len__(self) -> int:
         return len(self.stream)
+
+    def _outer_names(self, part: str) -> list[str]:
+        """``embed``: the embedding's and the final norm's parameters (the norm, a vector, because the
+        model's own forward records the layers' arguments); ``head``: every parameter outside the
+        decoder layers but the embedding's (with tied weights, the embedding too)."""
+        embed, norm, prefix = self.arch.embed + ".", self.arch.norm + ".", self.arch.layers + "."
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False) if not n.startswith(prefix)]
+        if part == "embed":
+            return [n for n in names if n.startswith((embed, norm))]
+        return [n for n in names if not n.startswith(embed) or _tied(self.model, "lm_head.weight")]
+
+    @contextmanager
+    def outer(self, part: str):
+        """The embedding (``embed``) or the final norm and head (``head``) loaded inside the block only:
+        outside the passes' first and last steps they are not in memory (at 7B: 1.6 GB each in fp32)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        names = self._outer_names(part)
+        _load_outer(self.model, self.reader, self.device, names)
+        try:
+            yield
+        finally:
+            for name in names + (["lm_head.weight"] if _tied(self.model, "lm_head.weight") else []):
+                try:
+                    if self.model.get_parameter(name).device.type != "meta":
+                        set_module_tensor_to_device(self.model, name, "meta")
+                except AttributeError:
+                    pass
+            if _tied(self.model, "lm_head.weight"):
+                self.model.get_submodule(self.arch.head).weight = self.model.get_submodule(self.arch.embed).weight
+            trim_heap()
+
+    def embed(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each batch's embeddings, the embedding loaded for this only; the layers' keyword arguments
+        (rotary embeddings, masks) are recorded for these shapes while it is."""
+        with self.outer("embed"):
+            hidden = [self.stream.embed(b) for b in batches]
+            for b in batches:
+                self.stream.layer_kwargs(b)
+        return hidden
 
     def load(self, i: int, reader: ShardReader | None = None):
         reader = reader or self.reader
@@ -295,16 +344,17 @@ def fisher_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strat
     ws = list(dist.share(windows).split(1))
     dev, keep = layers.device, layers.keep
     with torch.no_grad():  # every boundary on the host (or on disk)
-        hidden = [keep(stream.embed(w).cpu() for w in ws)]
+        hidden = [keep(h.cpu() for h in layers.embed(ws))]
         for i in tqdm(range(n), desc="fisher forward", unit="layer", disable=not progress):
             layers.load(i)
             hidden.append(keep(stream.layer(i, h.to(dev), w).cpu() for h, w in zip(hidden[-1], ws)))
             layers.release(i)
     grads = []
-    for h, w in zip(hidden[-1], ws):
-        top = h.to(dev).requires_grad_(True)
-        window_loss(stream.head(top), w).backward()
-        grads.append(top.grad)
+    with layers.outer("head"):
+        for h, w in zip(hidden[-1], ws):
+            top = h.to(dev).requires_grad_(True)
+            window_loss(stream.head(top), w).backward()
+            grads.append(top.grad)
     hidden.pop()
     for i in tqdm(reversed(range(n)), total=n, desc="fisher backward", unit="layer", disable=not progress):
         layer = layers.load(i)
@@ -365,7 +415,7 @@ def curve_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strate
     """Pass B: each layer's input statistics over ``windows`` (dense inputs), its curves, then freed."""
     stream, keep = layers.stream, layers.keep
     batches = list(dist.share(windows).split(batch_size))
-    hidden = keep(stream.embed(b) for b in batches)
+    hidden = keep(layers.embed(batches))
     for i in tqdm(range(len(layers)), desc="allocation curves", unit="layer", disable=not progress):
         layers.load(i)
         inputs: dict = {}
@@ -418,7 +468,7 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     source, out = Path(source), Path(out)
     started = time.perf_counter()
     bounded_heap()
-    model, reader = skeleton(source, device)
+    model, reader = skeleton(source, device, load=False)
     if model.config.model_type.startswith("vac_"):
         raise VacError(f"{source} is already a vac checkpoint; compress its dense source model")
     dtype = dtype or reader.dtype()
@@ -560,7 +610,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
 
     stream, arch, model, me, keep = layers.stream, layers.arch, layers.model, dist.world()[0], layers.keep
     batches = list(dist.share(windows).split(batch_size))
-    hidden = keep(stream.embed(b) for b in batches)
+    hidden = keep(layers.embed(batches))
     dense_hidden = hidden if s.refine == "dense" else None  # the dense model's stream, for its target
     done = {i for i in range(len(layers)) if _layer_file(work, i).is_file()}  # before any rank writes
     bar = tqdm(range(len(layers)), desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
@@ -685,18 +735,19 @@ def stream_perplexity(folder: str | os.PathLike, windows: torch.Tensor, device="
     import torch.nn.functional as F
 
     bounded_heap()
-    model, reader = skeleton(folder, device)
+    model, reader = skeleton(folder, device, load=False)
     layers = Layers(model, reader, device)
     ws = [w.to(device) for w in windows.split(1)]
-    hidden = [layers.stream.embed(w) for w in ws]
+    hidden = layers.embed(ws)
     for i in tqdm(range(len(layers)), desc="perplexity (streamed)", unit="layer", disable=not progress, leave=False):
         layers.load(i)
         hidden = [layers.stream.layer(i, h, w) for h, w in zip(hidden, ws)]
         layers.release(i)
     total, count = 0.0, 0
-    for h, w in zip(hidden, ws):
-        logits = layers.stream.head(h)[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        count += w[:, 1:].numel()
+    with layers.outer("head"):
+        for h, w in zip(hidden, ws):
+            logits = layers.stream.head(h)[:, :-1].float()
+            total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+            count += w[:, 1:].numel()
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "seq_len": windows.shape[1], "windows": windows.shape[0]}

@@ -98,8 +98,11 @@ class DistillConfig:
     seed: int = 0
     save_every: int = 50
     max_minutes: float | None = None  # training-time budget (see plan_steps)
-    fsdp: bool = False
-    bf16: bool = False  # autocast to bfloat16 (master weights stay float32)
+    fsdp: bool = False  # FSDP2 fully_shard per decoder layer, the student's and the teacher's
+    # bfloat16 compute, master weights float32: with fsdp FSDP2's MixedPrecisionPolicy (bf16 parameters
+    # all-gathered, fp32 gradient reduction), otherwise autocast
+    bf16: bool = False
+    grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
     loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
 
     def check(self) -> None:
@@ -122,7 +125,7 @@ class DistillConfig:
 
     def defining(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
-        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk"}  # loss_chunk: same loss, other memory
+        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint"}  # same loss, other memory
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -304,9 +307,10 @@ def fill_teacher_cache(
             "teacher_loaded": cache._teacher is not None}
 
 
-def _teacher_loader(teacher, device, vocab: int | None = None) -> Callable[[], nn.Module]:
+def _teacher_loader(teacher, device, vocab: int | None = None, shard=None) -> Callable[[], nn.Module]:
     """A zero-argument function that loads ``teacher`` (a model or a zero-argument loader) once, on
-    ``device``, in eval mode with frozen parameters, checking its vocabulary against ``vocab``."""
+    ``device``, in eval mode with frozen parameters, checking its vocabulary against ``vocab``;
+    ``shard(model)``: then sharded across the ranks (FSDP2, as the student)."""
     load = teacher if callable(teacher) and not isinstance(teacher, nn.Module) else (lambda: teacher)
     box: list = []
 
@@ -320,7 +324,7 @@ def _teacher_loader(teacher, device, vocab: int | None = None) -> Callable[[], n
                 p.requires_grad_(False)
             if vocab is not None and model.config.vocab_size != vocab:
                 raise VacError(f"teacher vocabulary ({model.config.vocab_size}) differs from the student's ({vocab})")
-            box.append(model)
+            box.append(shard(model) if shard is not None else model)
         return box[0]
 
     return get
@@ -568,7 +572,8 @@ def run_distill(
         _check_same_run(state, cfg, run_info, out)
 
     device = env.device
-    get_teacher = _teacher_loader(teacher, device, student.config.vocab_size)
+    get_teacher = _teacher_loader(teacher, device, student.config.vocab_size,
+                                  shard=(lambda m: _shard(m, cfg)) if cfg.fsdp and env.on else None)
 
     # with a cache, training reads teacher logits only from it (filled by fill_teacher_cache)
     cache = TopKCache(teacher_cache, cfg.top_k, teacher_id) if teacher_cache else None
@@ -578,6 +583,8 @@ def run_distill(
 
     student.to(device)
     classes = freeze_(student, cfg)
+    if cfg.grad_checkpoint:  # transformers' own per-layer checkpointing (non-reentrant torch.utils.checkpoint)
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ppl_before = state["ppl_before"] if state else None
     if state is None and eval_windows is not None and env.main:
         ppl_before = _perplexity(student, eval_windows, cfg, progress)
@@ -690,6 +697,7 @@ def run_distill(
                 for g in optimizer.param_groups
             ],
             "frozen_params": sum(p.numel() for p in student.parameters() if not p.requires_grad),
+            "teacher_sharded": cache is None and _is_sharded(get_teacher()),  # FSDP2 over the ranks
             "teacher_cache": None if cache is None else
             {"dir": str(cache.root), "k": cache.k, "hits": cache.hits, "misses": cache.misses},
             "loss": "alpha*T^2*KL + (1-alpha)*NLL, both averaged over the scored tokens of the global batch"
@@ -745,8 +753,9 @@ def _perplexity(model, windows, cfg, progress) -> dict:
 
 @contextlib.contextmanager
 def _autocast(cfg: DistillConfig, device):
+    """bf16 autocast for ``--bf16`` without FSDP (with it, the MixedPrecisionPolicy casts)."""
     device = torch.device(device)
-    if cfg.bf16:
+    if cfg.bf16 and not cfg.fsdp:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
     else:
@@ -757,18 +766,31 @@ def _wrap(student: nn.Module, cfg: DistillConfig, env: Dist) -> nn.Module:
     if not env.on and not cfg.fsdp:
         return student
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         if not env.on:
             raise VacError("--fsdp needs several processes: run under torchrun --nproc_per_node N")
-        layers = student.get_submodule(arch_for(student).layers)
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(student)
-        return student
+        return _shard(student, cfg)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _shard(model: nn.Module, cfg: DistillConfig) -> nn.Module:
+    """FSDP2 ``fully_shard`` on every decoder layer, then the root; ``--bf16``: a MixedPrecisionPolicy
+    (parameters all-gathered in bf16, gradients reduced in fp32, master weights fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
+    kw = {"mp_policy": policy} if policy is not None else {}
+    for layer in model.get_submodule(arch_for(model).layers):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ allocation) and writes ``ablation.json`` and ``ablation.md``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics as stats_mod
 import sys
@@ -54,23 +53,13 @@ from typing import Callable
 from ..atomic import atomic_write, check_output, write_json
 from ..config import DataConfig, StrategyConfig
 from ..core.driver import check_budget, sequential_passes
-from ..core.evaluate import perplexity
 from ..data.windows import eval_windows, sample_windows
 from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
-from ..models.layers import applied
-from ..models.zoo import resolve_model
-from .scoring import (
-    FactorCache,
-    ProxyScorer,
-    finite,
-    full_compress,
-    search_statistics,
-    worker_init,
-    worker_score,
-)
+from .scoring import InMemoryEngine
 from .space import Genome, SearchSetup, Space, check_sources, feasible_shares
+from .streamed import StreamedEngine
 
 FORMAT = "vac-strategy/1"
 
@@ -107,15 +96,14 @@ class _Run:
     """One search session over an output folder (state loaded from / saved to ``state.json``)."""
 
     def __init__(self, setup: SearchSetup, out: Path, workers: int, progress: bool, log):
-        from ..models.zoo import load_model
-
         self.setup, self.out, self.workers, self.progress, self.log = setup, Path(out), workers, progress, log
         self.started = time.monotonic()
         self.state = self._read_state()
         self.base_elapsed = self.state["elapsed_s"] if self.state else 0.0
-        self.model, tok = load_model(setup.model)
-        if tok is None:
-            raise VacError(f"{setup.model} has no tokenizer")
+        self.cache = self.out / "cache"  # factor sets of this search (the statistics are in $VAC_HOME/stats)
+        engine = StreamedEngine if setup.streamed else InMemoryEngine
+        self.engine = engine(setup, self.cache, workers, progress, log)
+        self.model, tok = self.engine.model, self.engine.tokenizer  # streamed: a skeleton (shapes, embeddings)
         self.n_layers = len(self.model.get_submodule(arch_for(self.model).layers))
         self.default = Genome.default(self.n_layers)
         check_budget(self.model, self.default.config(setup, full=True))
@@ -123,14 +111,10 @@ class _Run:
         self.search_windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
         self.eval_windows = (eval_windows(tok, setup.eval_data, setup.seq_len, setup.eval_windows)
                              if setup.eval_data else None)
-        self.cache = self.out / "cache"  # factor sets of this search (the statistics are in $VAC_HOME/stats)
-        self.proxy_stats, self.seq_stats = search_statistics(self.model, self.calib, setup, resolve_model(setup.model),
-                                                             progress, log)
-        self.factors = FactorCache(self.cache, self.model, self.proxy_stats)
-        self.scorer = ProxyScorer(self.model, self.search_windows, setup, self.factors)
-        self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup))
-        self.models: dict[str, dict] = {}  # the modules of compressed full models kept for the eval scoring
-        self.pool = None
+        self.engine.prepare(self.calib, self.search_windows)
+        self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup),
+                           orders=("front-to-back",) if setup.streamed else None)
+        self.models: dict[str, object] = {}  # handles of full re-scores kept for the eval scoring
 
     # state ---------------------------------------------------------------------------------------
     def _read_state(self) -> dict | None:
@@ -165,21 +149,15 @@ class _Run:
         if key in self.state["full"]:
             return self.state["full"][key]
         t0 = time.perf_counter()
-        cfg = g.config(self.setup, full=True)
-        modules, result = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
-        t1 = time.perf_counter()
-        with applied(self.model, modules) as net:
-            ppl = perplexity(net, self.search_windows, progress=False)["ppl"]
-        t2 = time.perf_counter()
-        entry = {"genome": g.to_dict(), "score": finite(ppl), "params_after": result.params_after,
-                 "ratio_reached": result.ratio, "seconds": t2 - t0}
+        entry, timing, handle = self.engine.full(g)
+        entry = {"genome": g.to_dict()} | entry | {"seconds": time.perf_counter() - t0}
         self.state["full"][key] = entry
-        timing = self.state["timing"]
-        if "full_compress_s" not in timing:  # the default's costs, the unit of the final-stage estimate
-            timing.update(full_compress_s=t1 - t0, search_ppl_s=t2 - t1,
-                          full_passes=result.recompute[0], pass_s=result.recompute[1] / max(result.recompute[0], 1))
+        if "full_compress_s" not in self.state["timing"]:  # the default's costs, the unit of the final-stage estimate
+            self.state["timing"].update(timing)
         if keep:
-            self.models[key] = modules
+            self.models[key] = handle
+        else:
+            self.engine.release([handle])
         self.save()
         return entry
 
@@ -196,28 +174,10 @@ class _Run:
                 archive[self.key(g)] = dict(entry, generation=generation)
                 self.save()
             return len(genomes)
-        if self.workers > 1 and len(genomes) > 1:
-            for g in genomes:
-                self.factors.get(g.method, g.exponent)  # on disk before the workers read them
-            results = self._pool().map(worker_score, [g.to_dict() for g in genomes])
-        else:
-            results = (self.scorer.score(g) for g in genomes)
-        for g, result in zip(genomes, results):
+        for g, result in zip(genomes, self.engine.proxy(genomes)):
             archive[self.key(g)] = dict(result, genome=g.to_dict(), generation=generation)
             self.save()
         return len(genomes)
-
-    def _pool(self):
-        if self.pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
-            self.pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
-                initargs=(self.setup.model, self.search_windows, self.setup.to_json(), str(self.cache), threads),
-            )
-        return self.pool
 
     def full_s(self, g: Genome) -> float:
         """Estimated seconds of a full re-score of ``g`` (0 once done)."""
@@ -257,8 +217,7 @@ class _Run:
         try:
             self._generations(generations, budget_minutes)
         finally:
-            if self.pool is not None:
-                self.pool.shutdown()
+            self.engine.close()
         return self._final()
 
     def _generations(self, generations: int, budget_minutes: float | None) -> None:
@@ -309,20 +268,20 @@ class _Run:
             entry = self.full_entry(g, keep=True)
             if best is None or entry["score"] < best["score"]:
                 best_key, best = g.full_key(), entry
-            self.models = {k: m for k, m in self.models.items() if k in (best_key, self.default.full_key())}
+            self._keep_only(best_key, self.default.full_key())
             self.log(f"full re-score {g.describe()}: search PPL {entry['score']:.3f}")
         winner = Genome.from_dict(best["genome"])
         for g in dict.fromkeys([winner, self.default]):
             if self.eval_windows is not None and g.full_key() not in state["eval"]:
-                modules = self.models.get(g.full_key())
-                if modules is None:
-                    cfg = g.config(setup, full=True)
-                    modules, _ = full_compress(self.model, self.calib, self.seq_stats, cfg, self.scorer.step_cost)
-                with applied(self.model, modules) as net:
-                    state["eval"][g.full_key()] = perplexity(net, self.eval_windows, progress=False)["ppl"]
+                state["eval"][g.full_key()] = self.engine.eval_ppl(g, self.models.get(g.full_key()), self.eval_windows)
                 self.save()
-        self.models.clear()
+        self._keep_only()
         return self._write_outputs(winner, candidates)
+
+    def _keep_only(self, *keys: str) -> None:
+        """Release the full re-scores' handles other than those of ``keys``."""
+        self.engine.release([h for k, h in self.models.items() if k not in keys])
+        self.models = {k: h for k, h in self.models.items() if k in keys}
 
     def _write_outputs(self, winner: Genome, candidates: list[Genome]) -> dict:
         state, setup = self.state, self.setup

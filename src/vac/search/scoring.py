@@ -117,6 +117,23 @@ def finite(x: float) -> float:
     return x if math.isfinite(x) else float("inf")
 
 
+def proxy_allocation(genome: Genome, setup: SearchSetup, matrices, arch, step_cost: int,
+                     spectra) -> tuple[CompressConfig, dict[str, int]]:
+    """The genome's proxy config and its rank map, from the cached spectra (``spectra(method,
+    exponent)``: no SVD)."""
+    cfg = genome.config(setup, full=False)
+    s = cfg.strategy
+    matrices = [Matrix(m.path, m.out_features, m.in_features) for m in matrices]
+    if ALLOCATIONS[s.allocation].needs_curves:
+        curves = spectra(genome.method, genome.exponent)
+        weights = s.type_weights or {}
+        for m in matrices:
+            m.curve = tail_energy(curves[m.path]) * weights.get(arch.kind(m.path), 1.0)
+    ranks = assign_ranks(matrices, arch, s)
+    assert_budget(sum(m.dense_params for m in matrices), total_params(matrices, ranks), s, step_cost)
+    return cfg, ranks
+
+
 class ProxyScorer:
     """Scores genomes under the proxy: knapsack over cached spectra, truncation of cached factors
     (no sequential statistics), perplexity on the search windows."""
@@ -128,18 +145,7 @@ class ProxyScorer:
         self.step_cost = max_step(self.matrices, setup.rank_step, setup.rank_floor)
 
     def allocation(self, genome: Genome) -> tuple[CompressConfig, dict[str, int]]:
-        """The genome's proxy config and its rank map, from the cached spectra (no SVD)."""
-        cfg = genome.config(self.setup, full=False)
-        s = cfg.strategy
-        matrices = [Matrix(m.path, m.out_features, m.in_features) for m in self.matrices]
-        if ALLOCATIONS[s.allocation].needs_curves:
-            spectra = self.factors.spectra(genome.method, genome.exponent)
-            weights = s.type_weights or {}
-            for m in matrices:
-                m.curve = tail_energy(spectra[m.path]) * weights.get(self.arch.kind(m.path), 1.0)
-        ranks = assign_ranks(matrices, self.arch, s)
-        assert_budget(sum(m.dense_params for m in matrices), total_params(matrices, ranks), s, self.step_cost)
-        return cfg, ranks
+        return proxy_allocation(genome, self.setup, self.matrices, self.arch, self.step_cost, self.factors.spectra)
 
     def score(self, genome: Genome) -> dict:
         """The genome's proxy perplexity: the model truncated in place from the cached factors, scored,
@@ -181,3 +187,86 @@ def full_compress(model, calib: torch.Tensor, stats: Statistics, cfg: CompressCo
         result = compress(model, calib, cfg, progress=False, stats=stats)
     assert_budget(result.params_before, result.params_after, cfg.strategy.resolved(), step_cost)
     return modules, result
+
+
+class InMemoryEngine:
+    """What ``vac search`` scores with when the whole model is loaded: the dense statistics and factor
+    sets in memory (:class:`FactorCache`), proxy scores by :class:`ProxyScorer` (or worker processes),
+    full re-scores by the in-memory pipeline. :class:`vac.search.streamed.StreamedEngine` is the same
+    interface with memory bounded by one layer."""
+
+    def __init__(self, setup: SearchSetup, cache: Path, workers: int = 1, progress: bool = True, log=None):
+        from ..errors import VacError
+        from ..models.zoo import load_model
+
+        self.setup, self.cache, self.workers, self.progress, self.log = setup, cache, workers, progress, log
+        self.model, self.tokenizer = load_model(setup.model)
+        if self.tokenizer is None:
+            raise VacError(f"{setup.model} has no tokenizer")
+        self.pool = None
+
+    def prepare(self, calib: torch.Tensor, windows: torch.Tensor) -> None:
+        """The dense statistics (from the statistics cache of ``vac compress``) and the proxy scorer."""
+        from ..models.zoo import resolve_model
+
+        self.calib, self.windows = calib, windows
+        self.proxy_stats, self.seq_stats = search_statistics(self.model, calib, self.setup,
+                                                             resolve_model(self.setup.model), self.progress, self.log)
+        self.factors = FactorCache(self.cache, self.model, self.proxy_stats)
+        self.scorer = ProxyScorer(self.model, windows, self.setup, self.factors)
+        self.step_cost = self.scorer.step_cost
+
+    def proxy(self, genomes: list[Genome]):
+        """The proxy scores of ``genomes``, in order, as they come (the caller saves each)."""
+        if self.workers > 1 and len(genomes) > 1:
+            for g in genomes:
+                self.factors.get(g.method, g.exponent)  # on disk before the workers read them
+            return self._pool().map(worker_score, [g.to_dict() for g in genomes])
+        return (self.scorer.score(g) for g in genomes)
+
+    def _pool(self):
+        if self.pool is None:
+            import multiprocessing
+            import os
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
+                initargs=(self.setup.model, self.windows, self.setup.to_json(), str(self.cache), threads),
+            )
+        return self.pool
+
+    def full(self, g: Genome):
+        """``(entry, timing, handle)``: the full-config score of ``g`` on the search windows, the costs
+        of getting it, and what :meth:`eval_ppl` reuses (the compressed modules)."""
+        from ..models.layers import applied
+
+        t0 = time.perf_counter()
+        modules, result = full_compress(self.model, self.calib, self.seq_stats, g.config(self.setup, full=True),
+                                        self.step_cost)
+        t1 = time.perf_counter()
+        with applied(self.model, modules) as net:
+            ppl = perplexity(net, self.windows, progress=False)["ppl"]
+        t2 = time.perf_counter()
+        entry = {"score": finite(ppl), "params_after": result.params_after, "ratio_reached": result.ratio}
+        timing = dict(full_compress_s=t1 - t0, search_ppl_s=t2 - t1, full_passes=result.recompute[0],
+                      pass_s=result.recompute[1] / max(result.recompute[0], 1))
+        return entry, timing, modules
+
+    def eval_ppl(self, g: Genome, handle, windows: torch.Tensor) -> float:
+        from ..models.layers import applied
+
+        if handle is None:
+            handle, _ = full_compress(self.model, self.calib, self.seq_stats, g.config(self.setup, full=True),
+                                      self.step_cost)
+        with applied(self.model, handle) as net:
+            return perplexity(net, windows, progress=False)["ppl"]
+
+    def release(self, handles: list) -> None:
+        """Handles no longer needed (modules: dropped by the caller)."""
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+

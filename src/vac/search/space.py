@@ -124,8 +124,12 @@ def _frac(x: float) -> str:
 class Space:
     """Random genomes, mutation and crossover over the genes (deterministic given the RNG)."""
 
-    def __init__(self, n_layers: int, methods=SEARCH_METHODS, shares=ATTN_SHARES):
+    def __init__(self, n_layers: int, methods=SEARCH_METHODS, shares=ATTN_SHARES, orders: tuple[str, ...] | None = None):
+        """``orders``: the named orders a genome may take (None: every order of ``core.orders.ORDERS`` and
+        their swap / segment-reverse mutations; a tuple: only those, unmutated, as the streamed search)."""
         self.n_layers, self.methods, self.shares = n_layers, tuple(methods), tuple(shares)
+        self.orders = tuple(orders or ORDERS)
+        self.mutable_order = orders is None
 
     def random(self, rng: random.Random) -> Genome:
         """A random genome; half keep the default method and exponent (each new (method, exponent)
@@ -135,11 +139,11 @@ class Space:
         attn = rng.choice(self.shares)
         allocation = rng.choice(ALLOCATIONS)
         weights = tuple(rng.choice((-1.0, -0.5, 0.0, 0.0, 0.0, 0.5, 1.0)) for _ in KINDS)
-        order = tuple(layer_order(rng.choice(tuple(ORDERS)), self.n_layers))
+        order = tuple(layer_order(rng.choice(self.orders), self.n_layers))
         return Genome(order, method, exponent, attn, allocation, weights)
 
     def mutate(self, g: Genome, rng: random.Random) -> Genome:
-        ops = ["exponent", "attn", "allocation", "weight", "weight", "order"]
+        ops = ["exponent", "attn", "allocation", "weight", "weight"] + (["order"] if self.mutable_order else [])
         ops += ["method"] if len(self.methods) > 1 else []
         for _ in range(1 + (rng.random() < 0.3)):
             op = rng.choice(ops)
@@ -264,6 +268,8 @@ class SearchSetup:
     top_k: int = 3
     proxy: bool = True
     methods: tuple[str, ...] = SEARCH_METHODS
+    # memory bounded by one decoder layer (vac.search.streamed); the layer order stays front-to-back
+    streamed: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)

@@ -1,0 +1,212 @@
+"""``vac search --streamed``: the same proxy scores and full scores as the in-memory search, with
+statistics and factors per layer on disk, resumable, and peak memory that does not grow with depth."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer, word_text
+from typer.testing import CliRunner
+
+import vac.cli.search  # noqa: F401  (registers the command)
+from vac.cli import app
+from vac.data.windows import eval_windows, sample_windows
+from vac.errors import VacError
+from vac.search.run import run_search
+from vac.search.scoring import InMemoryEngine
+from vac.search.space import Genome, SearchSetup
+from vac.search.streamed import StreamedEngine, StreamedScorer
+
+runner = CliRunner()
+QUIET = dict(progress=False, log=lambda _m: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streamed-search")
+    tiny_llama(layers=4).save_pretrained(root / "tiny")
+    tiny_tokenizer().save_pretrained(root / "tiny")
+    for name, seed, n in (("calib", 1, 3000), ("search", 3, 1500), ("eval", 2, 1500)):
+        (root / f"{name}.txt").write_text(word_text(n, seed=seed))
+    return root
+
+
+def setup_for(files, **kw) -> SearchSetup:
+    base = dict(model=str(files / "tiny"), ratio=1.5, population=4, calib=str(files / "calib.txt"),
+                search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
+                fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4)
+    return SearchSetup(**base | kw)
+
+
+def engines(files, tmp_path, **kw):
+    out = []
+    for streamed in (False, True):
+        setup = setup_for(files, streamed=streamed, **kw)
+        engine = (StreamedEngine if streamed else InMemoryEngine)(setup, tmp_path / f"cache-{streamed}", progress=False)
+        tok = engine.tokenizer
+        calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
+        engine.prepare(calib, eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows))
+        out.append(engine)
+    return out
+
+
+GENOMES = [
+    Genome.default(4),
+    Genome((0, 1, 2, 3), "vac", 0.5, 0.5, "global", (0.0, 1.0, 0.0, -0.5, 0.0, 0.0, 0.5)),
+    Genome((0, 1, 2, 3), "whiten", 2 / 3, 1.5, "uniform", (0.0,) * 7),
+    Genome((0, 1, 2, 3), "vac", 0.25, 1.0, "global", (0.0,) * 7),
+]
+
+
+def test_streamed_proxy_scores_equal_the_in_memory_ones(files, tmp_path):
+    memory, streamed = engines(files, tmp_path)
+    ours = streamed.proxy(GENOMES)  # one pass over the layers for the whole list
+    theirs = memory.proxy(GENOMES)
+    for a, b in zip(ours, theirs):
+        assert a["params_after"] == b["params_after"] and a["ratio_reached"] == pytest.approx(b["ratio_reached"])
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4)
+    assert len({round(r["score"], 3) for r in ours}) == len(GENOMES)  # the genomes differ, and so do their scores
+    # every matrix's spectrum is the in-memory cache's; the sets live per layer on disk
+    for method, exponent in {(g.method, g.exponent) for g in GENOMES}:
+        mine, ref = streamed.factors.spectra(method, exponent), memory.factors.spectra(method, exponent)
+        assert mine.keys() == ref.keys()
+        assert all(torch.allclose(mine[p], ref[p], rtol=1e-4, atol=1e-6) for p in ref)
+    files_on_disk = sorted(p.name for p in (tmp_path / "cache-True" / "stream" / "inputs").iterdir())
+    assert files_on_disk == [f"layer-{i:05d}.pt" for i in range(4)]
+    # the layers are on meta between passes: the skeleton holds embeddings, norm and head only
+    assert all(p.device.type == "meta" for n, p in streamed.model.named_parameters() if ".layers." in n)
+    svds = streamed.factors.svds
+    again = streamed.proxy(GENOMES[:2])  # a genome's score does not depend on its company
+    assert [r["score"] for r in again] == [r["score"] for r in ours[:2]]
+    assert streamed.factors.svds == svds  # and needs no new SVD (factors truncated from disk)
+
+
+def test_scoring_several_genomes_reads_each_layer_once(files, tmp_path, monkeypatch):
+    _, streamed = engines(files, tmp_path)
+    streamed.proxy(GENOMES)  # the factor sets exist
+    loads = []
+    real = streamed.layers.load
+    monkeypatch.setattr(streamed.layers, "load", lambda i, *a: loads.append(i) or real(i, *a))
+    StreamedScorer.score_many(streamed.scorer, GENOMES)
+    assert loads == [0, 1, 2, 3]
+
+
+def test_streamed_search_equals_the_in_memory_search_at_a_fixed_order(files, tmp_path):
+    """The default's full score (streamed compress + streamed perplexity) equals the in-memory one, and
+    the streamed search runs to the end with every genome front-to-back."""
+    from vac.search.space import Space
+
+    memory = run_search(setup_for(files, seed=3), tmp_path / "m", generations=1, **QUIET)
+    streamed = run_search(setup_for(files, seed=3, streamed=True), tmp_path / "s", generations=2, **QUIET)
+    assert streamed["default"]["search_ppl"] == pytest.approx(memory["default"]["search_ppl"], rel=1e-4)
+    assert streamed["default"]["eval_ppl"] == pytest.approx(memory["default"]["eval_ppl"], rel=1e-4)
+    assert all(row["genome"]["order"] == [0, 1, 2, 3] for row in streamed["top"])
+    assert streamed["winner"]["search_ppl"] <= streamed["default"]["search_ppl"]
+    assert not list((tmp_path / "s" / "cache" / "full").glob("*"))  # re-scored checkpoints removed at the end
+    assert {"strategy.json", "search.json", "fitness.png"} <= {p.name for p in (tmp_path / "s").iterdir()}
+    assert Space(4, orders=("front-to-back",)).mutable_order is False
+
+
+def test_streamed_search_resumes_after_a_kill(files, tmp_path, monkeypatch):
+    setup = setup_for(files, seed=5, streamed=True)
+    straight = run_search(setup, tmp_path / "a", generations=2, **QUIET)
+    calls = {"n": 0}
+    real = StreamedScorer.score_many
+
+    def dying(self, genomes, progress=False):  # killed while scoring the second generation
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, genomes, progress)
+
+    monkeypatch.setattr(StreamedScorer, "score_many", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(setup, tmp_path / "b", generations=2, **QUIET)
+    monkeypatch.setattr(StreamedScorer, "score_many", real)
+    resumed = run_search(setup, tmp_path / "b", generations=2, **QUIET)
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("minutes", "reproduce", "history")}  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state["setup"]["streamed"] is True
+
+
+def test_memory_plan_of_the_streamed_search(files, tmp_path):
+    """The plan's terms follow the code: each extra genome of a generation holds its search windows'
+    hidden states at one boundary; the full re-scores are streamed compressions of the same calibration."""
+    from dataclasses import replace
+
+    from vac.core.memory import Shapes, stage_bytes
+
+    _, streamed = engines(files, tmp_path)
+    needs = streamed.needs
+    streamed.setup = replace(streamed.setup, population=7)
+    bigger = streamed.plan(streamed.calib, streamed.windows)
+    hidden = streamed.model.config.hidden_size
+    assert bigger["the proxy scores"] - needs["the proxy scores"] == 3 * 4 * 32 * hidden * 4  # 3 genomes × 4 windows
+    assert {k: v for k, v in bigger.items() if k != "the proxy scores"} == \
+        {k: v for k, v in needs.items() if k != "the proxy scores"}
+    reader = streamed.layers.reader
+    shapes = Shapes.of(streamed.model.config, streamed.layers.arch, lambda n: reader.shape(f"{n}.weight"))
+    compress = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8, refine="dense")
+    assert needs["the full re-scores"] == max(compress.values())
+    assert needs["the Fisher pass"] == compress["the Fisher pass"]
+
+
+def test_streamed_search_refuses_what_it_cannot_serve(files, tmp_path):
+    with pytest.raises(VacError, match="--workers needs the in-memory search"):
+        run_search(setup_for(files, streamed=True), tmp_path / "w", generations=1, workers=2, **QUIET)
+    run = runner.invoke(app, ["search", str(files / "tiny"), "--out", str(tmp_path / "x"), "--streamed",
+                              "--ablation", "--calib", str(files / "calib.txt")])
+    assert run.exit_code == 2 and "--ablation" in run.output and not (tmp_path / "x").exists()
+
+
+PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import word_text
+from vac.search.run import run_search
+from vac.search.space import SearchSetup
+torch.set_num_threads(1)
+root = sys.argv[1]
+setup = SearchSetup(model=sys.argv[2], ratio=1.8, population=3, calib=root + "/calib.txt", search_data=root + "/search.txt",
+                    eval_data="", calib_windows=4, fisher_windows=2, seq_len=64, search_windows=2, rank_step=64,
+                    rank_floor=64, top_k=1, streamed=True)
+run_search(setup, sys.argv[3], generations=1, progress=False, log=lambda m: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow  # builds wide models and searches them in subprocesses
+def test_streamed_search_peak_does_not_grow_with_the_number_of_layers(tmp_path):
+    """Tiny but wide (each layer 28 MB of fp32 weights, 48 MB of fp64 statistics, 28 MB per factor set):
+    the in-memory search would hold about 6 × (28 + 48 + 2·28) MB more at 8 layers than at 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, seed in (("calib", 1), ("search", 3)):
+        (tmp_path / f"{name}.txt").write_text(word_text(4000, seed=seed))
+    peaks = {}
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=tiny_tokenizer().vocab_size, hidden_size=768, intermediate_size=2048,
+                             num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=12,
+                             max_position_embeddings=128)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / f"wide{layers}")
+        tiny_tokenizer().save_pretrained(tmp_path / f"wide{layers}")
+        run = subprocess.run([sys.executable, "-c", PEAK.format(tests=str(Path(__file__).parent)), str(tmp_path),
+                              str(tmp_path / f"wide{layers}"), str(tmp_path / f"out{layers}")],
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peaks[layers] = int(run.stdout.split()[-1]) / 1024  # MB
+    held = 6 * (28 + 48 + 2 * 28)  # MB the in-memory search would add
+    assert peaks[8] - peaks[2] < held / 2, peaks
