@@ -365,11 +365,19 @@ from vac import checkpoint
 from vac.recover.distill import DistillConfig, run_distill
 from vac.recover.data import DataMix, Samples
 text, chat = torch.load(sys.argv[3])
-for out, cfg in json.loads(sys.argv[4]):  # one launch, several runs (process start-up is the slow part)
+for out, cfg, meta in json.loads(sys.argv[4]):  # one launch, several runs (process start-up is the slow part)
+    cfg = DistillConfig(**cfg)
+    mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
+    if meta:  # built on meta, each rank loads its shards from the folders
+        from vac.recover.distill import _shard, init_distributed
+        from vac.recover.sharded import load_sharded
+        env = init_distributed("cpu")
+        teacher = lambda: load_sharded(sys.argv[2], lambda m: _shard(m, cfg), env.device, frozen=True)
+        run_distill(sys.argv[1], teacher, mix, cfg, out, progress=False, eval_windows=text[0][:2])
+        continue
     student, _ = checkpoint.load(sys.argv[1])
     teacher, _ = checkpoint.load(sys.argv[2])
-    mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
-    run_distill(student, teacher, mix, DistillConfig(**cfg), out, progress=False)
+    run_distill(student, teacher, mix, cfg, out, progress=False, eval_windows=text[0][:2])
 """
 
 
@@ -385,11 +393,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
     checkpoint.save(student_of(), None, tmp_path / "student")
     teacher.save_pretrained(tmp_path / "teacher")
     torch.save(((mix.text.ids, mix.text.mask), (mix.chat.ids, mix.chat.mask)), tmp_path / "data.pt")
-    runs = [(str(tmp_path / name), config(steps=4, grad_accum=1, fsdp=fsdp).__dict__)
-            for name, fsdp in (("ddp", False), ("fsdp", True))]
+    runs = [(str(tmp_path / name), config(steps=4, grad_accum=1, fsdp=fsdp).__dict__, meta)
+            for name, fsdp, meta in (("ddp", False, False), ("fsdp", True, False), ("fsdp-meta", True, True))]
     # FSDP2 with the MixedPrecisionPolicy, activation checkpointing and the teacher sharded too
     runs.append((str(tmp_path / "fsdp-bf16"), config(steps=4, grad_accum=1, fsdp=True, bf16=True,
-                                                     grad_checkpoint=True).__dict__))
+                                                     grad_checkpoint=True).__dict__, False))
     (tmp_path / "run.py").write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "student"),
@@ -398,12 +406,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     student, _ = checkpoint.load(tmp_path / "student")
-    one = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "one", progress=False)
+    one = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "one", progress=False,
+                      eval_windows=mix.text.ids[:2])
     reference = weights(tmp_path / "one")
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp-meta"):
         two = json.loads((tmp_path / name / "distill.json").read_text())
-        assert two["world_size"] == 2 and two["config"]["fsdp"] == (name == "fsdp")
-        assert two["teacher_sharded"] == (name == "fsdp")
+        assert two["world_size"] == 2 and two["config"]["fsdp"] == (name != "ddp")
+        assert two["teacher_sharded"] == (name != "ddp")
+        for key in ("ppl_before", "ppl_after"):
+            assert two[key]["ppl"] == pytest.approx(one.report[key]["ppl"], rel=1e-5), (name, key)
         for key in ("loss", "kl", "nll", "grad_norm", "lr", "tokens"):  # grad_norm: reductions scaled right
             assert [r[key] for r in two["loss_curve"]] == pytest.approx(
                 [r[key] for r in one.report["loss_curve"]], rel=1e-5, abs=1e-7), (name, key)
@@ -431,6 +442,52 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(trained_keys) == 2 * 11  # the factors and dense linears of both layers trained
     for k in ref16:  # the two bf16 runs differ by under a tenth of how far training moved each weight
         assert apart[k] <= 0.1 * moved[k], (k, float(moved[k]), float(apart[k]))
+
+
+LOAD = """
+import json, resource, sys, torch
+from vac.recover.distill import DistillConfig, _shard, init_distributed
+from vac.recover.sharded import load_sharded
+env = init_distributed("cpu")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[2] == "sharded":
+    model = load_sharded(sys.argv[1], lambda m: _shard(m, DistillConfig(fsdp=True)), env.device)
+    local = sum(p.to_local().numel() for p in model.parameters()) * 4
+else:  # the path without meta construction: the whole model loaded on every rank, then sharded
+    from vac import checkpoint
+    model, _ = checkpoint.load(sys.argv[1])
+    model = _shard(model, DistillConfig(fsdp=True))
+    local = sum(p.to_local().numel() for p in model.parameters()) * 4
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"rank": env.rank, "grown": grown, "local": local}))
+"""
+
+
+@pytest.mark.slow  # two launches of two processes with a 0.5 GB model
+def test_meta_construction_never_holds_the_whole_model_per_rank(tmp_path):
+    """Each rank's peak grows by its half of the weights (plus one tensor), not by the whole model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    whole = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) * 4
+    (tmp_path / "load.py").write_text(LOAD)
+    grown = {}
+    for how in ("sharded", "whole"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(tmp_path / "load.py"), str(tmp_path / "wide"), how]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(rows) == 2
+        grown[how] = rows
+    for row in grown["sharded"]:
+        assert row["local"] == pytest.approx(whole / 2, rel=0.01)  # each rank holds half of the weights
+        assert row["grown"] < 0.6 * whole, (row, whole)  # its half and one tensor at a time, not the model
+    for row in grown["whole"]:
+        assert row["grown"] > 0.95 * whole, (row, whole)  # what loading the whole model on every rank costs
 
 
 # ----------------------------------------------------------------------------- CLI

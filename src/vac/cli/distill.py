@@ -75,7 +75,7 @@ def distill(
     from .. import checkpoint
     from ..core.report import summary_table
     from ..data.windows import eval_windows as protocol_windows
-    from ..models.zoo import load_model, resolve_model
+    from ..models.zoo import hub_snapshot, load_model, resolve_model
     from ..recover.data import build_mix, check_no_overlap
     from ..recover.distill import (
         DistillConfig,
@@ -116,7 +116,20 @@ def distill(
     teacher_source = resolve_model(teacher)
 
     env = init_distributed(device)
-    student, tok = checkpoint.load(student_dir)
+    sharded = fsdp and env.on  # built on meta, each rank loads only its shards (vac.recover.sharded)
+    if sharded:
+        from transformers import AutoTokenizer
+
+        from ..recover.distill import _shard
+        from ..recover.sharded import load_sharded
+
+        student = student_dir
+        tok = AutoTokenizer.from_pretrained(student_dir) if checkpoint._has_tokenizer(student_dir) else None
+        teacher_folder = teacher_source if Path(teacher_source).is_dir() else hub_snapshot(teacher_source)
+        load_teacher = lambda: load_sharded(teacher_folder, lambda m: _shard(m, cfg), env.device, frozen=True)  # noqa: E731
+    else:
+        student, tok = checkpoint.load(student_dir)
+        load_teacher = lambda: load_model(teacher)[0]  # noqa: E731
     if tok is None:
         raise VacError(f"{student_dir} has no tokenizer")
     stored = json.loads((student_dir / "config.json").read_text()).get("dtype")
@@ -142,7 +155,7 @@ def distill(
         "command": " ".join(["vac"] + sys.argv[1:]),
     }
     result = run_distill(
-        student, None if teacher_cache else (lambda: load_model(teacher)[0]), mix, cfg, out_dir, tokenizer=tok,
+        student, None if teacher_cache else load_teacher, mix, cfg, out_dir, tokenizer=tok,
         eval_windows=windows,
         teacher_cache=teacher_cache, teacher_id=teacher_source, run_info=run_info, overwrite=overwrite,
         save_dtype=save_dtype, extra_files=reports, env=env,

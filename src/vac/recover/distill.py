@@ -324,7 +324,7 @@ def _teacher_loader(teacher, device, vocab: int | None = None, shard=None) -> Ca
                 p.requires_grad_(False)
             if vocab is not None and model.config.vocab_size != vocab:
                 raise VacError(f"teacher vocabulary ({model.config.vocab_size}) differs from the student's ({vocab})")
-            box.append(shard(model) if shard is not None else model)
+            box.append(shard(model) if shard is not None and not _is_sharded(model) else model)
         return box[0]
 
     return get
@@ -532,7 +532,7 @@ def output_state(out: Path, overwrite: bool) -> Path | None:
 
 
 def run_distill(
-    student: nn.Module,
+    student: nn.Module | str | os.PathLike,
     teacher: nn.Module | Callable[[], nn.Module] | None,
     mix: DataMix,
     cfg: DistillConfig,
@@ -552,6 +552,8 @@ def run_distill(
 ) -> Result:
     """Distill ``teacher`` into ``student`` on ``mix`` and save the result as a vac checkpoint at ``out``.
 
+    ``student`` is a model or a checkpoint folder; a folder under ``cfg.fsdp`` with several processes
+    is built on meta and each rank loads only its shards (:mod:`vac.recover.sharded`).
     ``teacher`` is a model or a zero-argument loader. With ``teacher_cache`` the KL uses the cached
     top-k logits that :func:`fill_teacher_cache` wrote, ``teacher`` is never loaded (it may be None)
     and a batch missing from the cache stops the run with a one-line error. ``eval_windows`` [n, L] are scored before
@@ -572,6 +574,15 @@ def run_distill(
         _check_same_run(state, cfg, run_info, out)
 
     device = env.device
+    sharded = isinstance(student, (str, os.PathLike)) and cfg.fsdp and env.on
+    if sharded:
+        from .sharded import load_sharded
+
+        student = load_sharded(student, lambda m: _shard(m, cfg), device)
+    elif isinstance(student, (str, os.PathLike)):
+        from .. import checkpoint
+
+        student, _ = checkpoint.load(student)
     get_teacher = _teacher_loader(teacher, device, student.config.vocab_size,
                                   shard=(lambda m: _shard(m, cfg)) if cfg.fsdp and env.on else None)
 
@@ -586,8 +597,8 @@ def run_distill(
     if cfg.grad_checkpoint:  # transformers' own per-layer checkpointing (non-reentrant torch.utils.checkpoint)
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ppl_before = state["ppl_before"] if state else None
-    if state is None and eval_windows is not None and env.main:
-        ppl_before = _perplexity(student, eval_windows, cfg, progress)
+    if state is None and eval_windows is not None and (env.main or sharded):  # sharded: every rank takes part
+        ppl_before = _perplexity(student, eval_windows, cfg, progress and env.main)
     student.train()
 
     model = _wrap(student, cfg, env)
@@ -763,7 +774,7 @@ def _autocast(cfg: DistillConfig, device):
 
 
 def _wrap(student: nn.Module, cfg: DistillConfig, env: Dist) -> nn.Module:
-    if not env.on and not cfg.fsdp:
+    if (not env.on and not cfg.fsdp) or _is_sharded(student):
         return student
     if cfg.fsdp:
         if not env.on:
