@@ -5,6 +5,7 @@ import math
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,6 +445,55 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert apart[k] <= 0.1 * moved[k], (k, float(moved[k]), float(apart[k]))
 
 
+RESUME = """
+import json, sys, torch
+from vac import checkpoint
+from vac.recover.distill import DistillConfig, run_distill
+from vac.recover.data import DataMix, Samples
+text, chat = torch.load(sys.argv[3])
+student, _ = checkpoint.load(sys.argv[1])
+teacher, _ = checkpoint.load(sys.argv[2])
+mix = DataMix(Samples(*text), Samples(*chat), chat_fraction=0.25, seed=1)
+
+def stop(step, record):
+    if step == 3:  # after the state of step 2 was saved
+        raise SystemExit(3)
+
+run_distill(student, teacher, mix, DistillConfig(**json.loads(sys.argv[5])), sys.argv[4], progress=False, on_step=stop)
+"""
+
+
+def test_sharded_state_of_two_ranks_resumes_on_one(tmp_path):
+    """FSDP2 on 2 ranks saves a torch.distributed.checkpoint (each rank its shards); one process without
+    FSDP resumes from it and ends as the uninterrupted one-process run."""
+    mix, teacher = mix_of(), tiny_llama(seed=0)
+    checkpoint.save(student_of(), None, tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.save(((mix.text.ids, mix.text.mask), (mix.chat.ids, mix.chat.mask)), tmp_path / "data.pt")
+    (tmp_path / "resume.py").write_text(RESUME)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(tmp_path / "resume.py"), str(tmp_path / "student"),
+           str(tmp_path / "teacher"), str(tmp_path / "data.pt"), str(tmp_path / "run"),
+           json.dumps(config(steps=4, grad_accum=1, fsdp=True).__dict__)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # stopped at step 3
+    state = tmp_path / "run" / "resume"
+    assert json.loads((state / "progress.json").read_text())["step"] == 2
+    assert (state / "dcp" / ".metadata").is_file() and len(list((state / "dcp").glob("*.distcp"))) == 2
+    assert torch.load(state / "state.pt", weights_only=False)["world_size"] == 2
+
+    student, _ = checkpoint.load(tmp_path / "student")
+    resumed = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "run", progress=False)
+    student, _ = checkpoint.load(tmp_path / "student")
+    straight = run_distill(student, teacher, mix, config(steps=4, grad_accum=2), tmp_path / "one", progress=False)
+    for key in ("loss", "kl", "nll", "lr", "tokens"):
+        assert [r[key] for r in resumed.report["loss_curve"]] == pytest.approx(
+            [r[key] for r in straight.report["loss_curve"]], rel=1e-5, abs=1e-7), key
+    a, b = weights(tmp_path / "run"), weights(tmp_path / "one")
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 LOAD = """
 import json, resource, sys, torch
 from vac.recover.distill import DistillConfig, _shard, init_distributed
@@ -488,6 +538,51 @@ def test_meta_construction_never_holds_the_whole_model_per_rank(tmp_path):
         assert row["grown"] < 0.6 * whole, (row, whole)  # its half and one tensor at a time, not the model
     for row in grown["whole"]:
         assert row["grown"] > 0.95 * whole, (row, whole)  # what loading the whole model on every rank costs
+
+
+STEP_MEMORY = """
+import json, resource, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from conftest import tokens
+from transformers import LlamaConfig, LlamaForCausalLM
+from vac.recover.distill import DistillConfig, run_distill
+from vac.recover.data import DataMix, Samples
+config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=8)
+torch.manual_seed(0)
+student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
+cfg = DistillConfig(steps=1, seq_len=256, batch_size=8, save_every=100, grad_checkpoint=sys.argv[2] == "1")
+before = int(open("/proc/self/statm").read().split()[1]) * 4096
+run_distill(student, teacher, DataMix(Samples.windows(tokens(16, 256))), cfg, sys.argv[1], progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.slow  # two one-step distillations of a 0.25 GB model in subprocesses
+def test_memory_plan_matches_the_measured_step(tmp_path):
+    """What a training step adds to the loaded models (gradients, AdamW moments, activations, logits)
+    as vac.recover.memory plans it, against the measured peak RSS; and the saving of --grad-checkpoint."""
+    from transformers import LlamaConfig
+
+    from vac.recover.memory import Net, distill_bytes
+
+    config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8)
+    net = Net.of(config)
+    (tmp_path / "step.py").write_text(STEP_MEMORY.format(tests=str(Path(__file__).parent)))
+    measured, planned = {}, {}
+    for ck in (False, True):
+        run = subprocess.run([sys.executable, str(tmp_path / "step.py"), str(tmp_path / f"out{ck}"), str(int(ck))],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        measured[ck] = int(run.stdout.split()[-1])
+        plan = distill_bytes(net, net, world=1, fsdp=False, bf16=False, grad_checkpoint=ck, micro_batch=8,
+                             seq_len=256, loss_chunk=128, top_k=64, cached_teacher=False)
+        planned[ck] = plan["grads"] + plan["adam"] + plan["activations"] + plan["logits"]
+        assert 0.9 < measured[ck] / planned[ck] < 1.3, (ck, measured[ck], planned[ck])
+    saving = planned[False] - planned[True]
+    assert measured[False] - measured[True] == pytest.approx(saving, rel=0.25)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -68,6 +68,8 @@ def distill(
     eval_seq_len: int = typer.Option(512, help="evaluation window length"),
     eval_windows: int = typer.Option(40, help="evaluation windows"),
     overwrite: bool = typer.Option(False, help="start over even if --out holds a run"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory per rank of this run on 1, 2, 4 and 8 "
+                                 "processes (from the configurations, nothing loaded) and exit"),
 ):
     """Distill TEACHER into the factorized STUDENT_DIR on --data; writes a vac checkpoint to --out."""
     import torch
@@ -97,7 +99,7 @@ def distill(
         raise VacError(f"no checkpoint folder at {student_dir} (no config.json)")
     if cache_teacher_only and teacher_cache is None:
         raise VacError("--cache-teacher-only needs --teacher-cache DIR to write to")
-    if out_dir is None and not cache_teacher_only:
+    if out_dir is None and not cache_teacher_only and not dry_run:
         raise VacError("--out DIR is needed (the checkpoint folder to write)")
     if out_dir is not None:
         check_output(out_dir, {"student": student_dir, "teacher": teacher, "training data": data,
@@ -114,9 +116,13 @@ def distill(
         if not teacher:
             raise VacError(f"{student_dir} names no teacher model (no report.json); pass --teacher")
     teacher_source = resolve_model(teacher)
+    if dry_run:
+        _print_plan(student_dir, teacher_source, cfg, cached=teacher_cache is not None)
+        return
 
     env = init_distributed(device)
     sharded = fsdp and env.on  # built on meta, each rank loads only its shards (vac.recover.sharded)
+    teacher_dtype = torch.bfloat16 if bf16 else torch.float32  # the teacher needs no fp32 master weights
     if sharded:
         from transformers import AutoTokenizer
 
@@ -126,10 +132,11 @@ def distill(
         student = student_dir
         tok = AutoTokenizer.from_pretrained(student_dir) if checkpoint._has_tokenizer(student_dir) else None
         teacher_folder = teacher_source if Path(teacher_source).is_dir() else hub_snapshot(teacher_source)
-        load_teacher = lambda: load_sharded(teacher_folder, lambda m: _shard(m, cfg), env.device, frozen=True)  # noqa: E731
+        load_teacher = lambda: load_sharded(teacher_folder, lambda m: _shard(m, cfg), env.device,  # noqa: E731
+                                            frozen=True, dtype=teacher_dtype)
     else:
         student, tok = checkpoint.load(student_dir)
-        load_teacher = lambda: load_model(teacher)[0]  # noqa: E731
+        load_teacher = lambda: load_model(teacher, dtype=teacher_dtype)[0]  # noqa: E731
     if tok is None:
         raise VacError(f"{student_dir} has no tokenizer")
     stored = json.loads((student_dir / "config.json").read_text()).get("dtype")
@@ -177,3 +184,28 @@ def distill(
         ("time", f"{r['minutes']:.1f} min training"),
     ]))
     err.print(f"wrote {out_dir} (distill.json, loss.png)", highlight=False)
+
+
+def _print_plan(student_dir: Path, teacher_source: str, cfg, cached: bool) -> None:
+    from rich.table import Table
+    from transformers import AutoConfig
+
+    from ..core.memory import human
+    from ..recover.memory import distill_plan
+
+    teacher_config = None if cached else AutoConfig.from_pretrained(teacher_source)
+    rows = distill_plan(AutoConfig.from_pretrained(student_dir), teacher_config, cfg, cached_teacher=cached)
+    keys = [k for k in rows[0]["bytes"] if k != "peak"]
+    table = Table(title=f"vac distill --dry-run: memory per rank ({'FSDP2' if cfg.fsdp else 'replicated'}, "
+                        f"{'bf16' if cfg.bf16 else 'fp32'}{', checkpointed' if cfg.grad_checkpoint else ''}, "
+                        f"seq {cfg.seq_len}, global batch {cfg.batch_size}, teacher "
+                        f"{'from the top-k cache' if cached else 'loaded'})", show_edge=False)
+    for col in ["ranks", "micro-batch", *keys, "per rank"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["ranks"]), str(r["micro_batch"]), *[human(r["bytes"][k]) for k in keys],
+                      human(r["bytes"]["peak"]))
+    out.print(table)
+    out.print("[dim]vac.recover.memory: estimates without allocator slack and the CUDA context; several ranks "
+              "shard only with --fsdp[/dim]")
+

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,8 @@ class DistillConfig:
 
     def defining(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
-        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint"}  # same loss, other memory
+        # the same steps on another layout (ranks × micro-batches, sharding, checkpointing, loss chunks)
+        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint", "grad_accum"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -610,7 +612,7 @@ def run_distill(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan))
     step, history, seconds, tokens, scored = 0, [], 0.0, 0, 0
     if state is not None:
-        _load_state(model, optimizer, scheduler, state, env)
+        _load_state(model, optimizer, scheduler, state, env, resume_path.parent)
         step, history, seconds = state["step"], state["history"], state["seconds"]
         tokens, scored = state["tokens"], state["scored"]
         plan.update(state["plan"])
@@ -836,36 +838,72 @@ def _sd_options(**kw):
 
 
 def _save_state(out: Path, model, optimizer, scheduler, env: Dist, meta: dict) -> None:
+    """The resume state in ``out/resume``: an FSDP2 model as a sharded torch.distributed.checkpoint
+    (each rank writes its own shards; loadable on any number of ranks), otherwise one ``state.pt``
+    gathered on rank 0. Either way the folder is replaced in one rename once complete."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    from ..atomic import atomic_dir
+    from ..atomic import atomic_dir, replace_dir
 
+    sharded = env.on and _is_sharded(model)
+    rngs = env.gather(_rng_state())
+    progress = json.dumps({k: meta[k] for k in ("step", "position", "tokens")})
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        tmp = out / f".{STATE_DIR}.dcp-tmp"
+        if env.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        env.barrier()
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=str(tmp / "dcp"))
+        env.barrier()
+        if env.main:
+            torch.save({**meta, "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": env.world,
+                        "sharded": True}, tmp / "state.pt")
+            (tmp / "progress.json").write_text(progress)
+            replace_dir(tmp, out / STATE_DIR, overwrite=True)
+            kill_point("distill-state")
+        env.barrier()
+        return
     options = _sd_options(cpu_offload=True) if env.on else _sd_options()
     model_sd = get_model_state_dict(model, options=options)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
-    rngs = env.gather(_rng_state())
     if env.main:
         state = {**meta, "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                  "rng": rngs, "world_size": env.world}
         out.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out / STATE_DIR, overwrite=True) as tmp:
             torch.save(state, tmp / "state.pt")
-            (tmp / "progress.json").write_text(json.dumps({k: meta[k] for k in ("step", "position", "tokens")}))
+            (tmp / "progress.json").write_text(progress)
         kill_point("distill-state")
     env.barrier()
 
 
-def _load_state(model, optimizer, scheduler, state: dict, env: Dist) -> None:
+def _load_state(model, optimizer, scheduler, state: dict, env: Dist, folder: Path) -> None:
+    """Restore what :func:`_save_state` wrote (a sharded state on any number of ranks, FSDP or not)."""
     from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    set_model_state_dict(model, state["model"], options=_sd_options())
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_sd_options())
+    if state.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+
+        # this run's own layout (sharded or whole tensors) as the template; DCP reshards into it
+        target = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(target, checkpoint_id=str(folder / "dcp"))
+        set_model_state_dict(model, target["model"])
+        set_optimizer_state_dict(model, optimizer, target["optimizer"])
+    else:
+        set_model_state_dict(model, state["model"], options=_sd_options())
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_sd_options())
     scheduler.load_state_dict(state["scheduler"])
     if state.get("world_size") == env.world:
         _set_rng_state(state["rng"][env.rank])

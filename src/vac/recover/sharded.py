@@ -24,10 +24,12 @@ from torch import nn
 from ..errors import VacError
 
 
-def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = False) -> nn.Module:
+def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = False,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``folder`` (a vac checkpoint or a dense HF folder of safetensors), sharded by
     ``shard(model)`` (e.g. :func:`vac.recover.distill._shard`) and loaded shard by shard on ``device``
-    in fp32; ``frozen``: every parameter without gradient (a teacher)."""
+    in ``dtype`` (fp32: master weights; a frozen teacher may be bf16); ``frozen``: every parameter
+    without gradient (a teacher)."""
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,7 +42,7 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
     reader = ShardReader(folder)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(not frozen)
     present = set(reader.names())
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -61,6 +63,6 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
     # model first): it is loaded from the embedding's tensor
     for name, _ in model.named_parameters():  # one full tensor in memory at a time; each rank keeps its shard
         source = embed if tied and name == "lm_head.weight" and name not in present else name
-        set_model_state_dict(model, {name: reader.get(source).float().to(device)}, options=options)
+        set_model_state_dict(model, {name: reader.get(source).to(device, dtype)}, options=options)
         trim_heap()  # the full tensor's memory goes back now, not when the heap's trim threshold is reached
     return model.eval()

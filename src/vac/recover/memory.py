@@ -1,0 +1,107 @@
+"""Per-rank memory of ``vac distill`` from the configuration (``vac distill --dry-run``, README table).
+
+The terms follow the code of :mod:`vac.recover.distill`: fp32 master weights of the student (sharded
+over the ranks by FSDP2, else whole), its gradients and AdamW moments for the trainable parameters;
+with FSDP2 the parameters of the layer being computed and the next one (prefetch) and of the root
+(embeddings, final norm, head) all-gathered in the compute dtype; the teacher in the compute dtype
+(sharded likewise, or none with a teacher cache); the activations a micro-batch keeps for the backward (every layer's, or
+with ``--grad-checkpoint`` each layer's input plus one layer's during its recompute), one layer's
+working set of the backward and the teacher forward's widest transients; the student's
+logits and their gradient, the teacher's logits (or its cached top-k) and one chunk of the loss in
+fp32 (:func:`vac.recover.distill.chunked_kd_sums`). Saved activations per token and layer are taken as
+``8·hidden + 4·intermediate`` values (norm outputs, q/k/v, attention and projection outputs, residual,
+gate/up/activation/product of the MLP); attention is assumed memory-efficient (no seq² term), as
+SDPA's flash and memory-efficient kernels on GPUs are. Estimates: allocator slack and the CUDA context
+(≈ 0.5–1 GB) come on top. Terms: ``weights`` (student, fp32), ``gathered`` (FSDP2's unsharded layers
+and root), ``grads``, ``adam``, ``teacher``, ``activations``, ``logits`` (and the loss), ``peak`` (sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Net:
+    """The sizes the plan reads from a model (``of``: from a transformers config and a vac rank map)."""
+
+    layers: int
+    hidden: int
+    inter: int
+    vocab: int
+    params: int  # all parameters (a tied head counted once)
+    layer_params: int  # one decoder layer
+    outer_params: int  # embeddings, final norm, head
+    linear_params: int  # the decoder layers' linears (dense or factors): what trains by default
+
+    @classmethod
+    def of(cls, config) -> "Net":
+        """From a transformers config (a vac checkpoint's: its rank map included), by building the model
+        with empty weights (accelerate's ``init_empty_weights``: nothing is allocated)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from ..models.families import arch_for
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        arch = arch_for(model)
+        layers = model.get_submodule(arch.layers)
+        per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        linear = sum(p.numel() for layer in layers for name in arch.linears
+                     for p in layer.get_submodule(name).parameters())
+        params = sum(p.numel() for p in model.parameters())
+        return cls(len(layers), config.hidden_size, config.intermediate_size, config.vocab_size, params,
+                   max(per_layer), params - sum(per_layer), linear)
+
+
+def distill_bytes(student: Net, teacher: Net | None, *, world: int, fsdp: bool, bf16: bool, grad_checkpoint: bool,
+                  micro_batch: int, seq_len: int, loss_chunk: int, top_k: int, cached_teacher: bool,
+                  train_norms: bool = False, train_embeddings: bool = False) -> dict[str, int]:
+    """Bytes per rank of each term and their sum (``peak``) for one training step."""
+    shards = world if fsdp and world > 1 else 1
+    cb = 2 if bf16 else FP32  # compute dtype of parameters, activations and logits
+    trainable = student.linear_params + (2 * student.hidden * student.layers if train_norms else 0) \
+        + (student.outer_params if train_embeddings else 0)
+    gathered = (2 * student.layer_params + student.outer_params) * cb if shards > 1 else 0
+    terms = {
+        "weights": student.params * FP32 // shards,
+        "gathered": gathered,
+        "grads": trainable * FP32 // shards + (student.layer_params * cb if shards > 1 else 0),
+        "adam": 2 * trainable * FP32 // shards,
+        # the teacher is loaded in the compute dtype (it has no master weights to keep)
+        "teacher": 0 if cached_teacher or teacher is None else
+        teacher.params * cb // shards + ((2 * teacher.layer_params + teacher.outer_params) * cb if shards > 1 else 0),
+    }
+    tokens = micro_batch * seq_len
+    per_layer = tokens * (8 * student.hidden + 4 * student.inter) * cb
+    saved = student.layers * tokens * student.hidden * cb + per_layer if grad_checkpoint else student.layers * per_layer
+    # + the backward's working set of one layer (its activations' gradients) and, with a live teacher,
+    # the teacher forward's widest transients (one layer, no gradients kept)
+    teacher_forward = 0 if cached_teacher or teacher is None else tokens * (4 * teacher.hidden + 3 * teacher.inter) * cb
+    terms["activations"] = saved + per_layer + teacher_forward
+    chunk = seq_len if loss_chunk <= 0 else min(loss_chunk, seq_len)
+    teacher_logits = tokens * top_k * (FP32 + 8) if cached_teacher else tokens * student.vocab * cb
+    terms["logits"] = 2 * tokens * student.vocab * cb + teacher_logits + 3 * micro_batch * chunk * student.vocab * FP32
+    terms["peak"] = sum(terms.values())
+    return terms
+
+
+def distill_plan(student_config, teacher_config, cfg, *, cached_teacher: bool,
+                 worlds: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """:func:`distill_bytes` of a :class:`~vac.recover.distill.DistillConfig` on 1, 2, 4 and 8 ranks
+    (FSDP2 over several when ``cfg.fsdp``; each rank's micro-batch: the global batch over ranks ×
+    ``grad_accum``, at least one sequence)."""
+    student = Net.of(student_config)
+    teacher = None if cached_teacher or teacher_config is None else Net.of(teacher_config)
+    rows = []
+    for world in worlds:
+        micro = max(1, -(-cfg.batch_size // (world * cfg.grad_accum)))
+        terms = distill_bytes(student, teacher, world=world, fsdp=cfg.fsdp, bf16=cfg.bf16,
+                              grad_checkpoint=cfg.grad_checkpoint, micro_batch=micro, seq_len=cfg.seq_len,
+                              loss_chunk=cfg.loss_chunk, top_k=cfg.top_k, cached_teacher=cached_teacher,
+                              train_norms=cfg.train_norms, train_embeddings=cfg.train_embeddings)
+        rows.append({"ranks": world, "micro_batch": micro, "bytes": terms})
+    return rows
