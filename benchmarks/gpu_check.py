@@ -24,7 +24,12 @@ synthetic). Parts, each written to ``--out/gpu_check.json`` as soon as it ends:
    reduced calibration; records ``torch.cuda.max_memory_allocated()`` (report.json) and host peak RSS
    (targets: ≤ 24 GB GPU, ≤ 32 GB host).
 
-    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--skip-speed] [--skip-compiled] [--scale]
+5. ``distill`` (``--distill``, issue #17): a few ``vac distill --bf16 --grad-checkpoint`` steps of an
+   OLMo-3-7B-shaped 1.8x student (random factors) from its random bf16 teacher on one GPU (2048-token
+   sequences), ``torch.cuda.max_memory_allocated()`` beside the plan of ``vac.recover.memory`` (72 GiB
+   at 32 layers). ``--device cpu --layers 2`` runs it at a small shape.
+
+    python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--skip-speed] [--skip-compiled] [--scale] [--distill]
 """
 
 from __future__ import annotations
@@ -250,6 +255,54 @@ def scale(out: Path, layers: int) -> dict:
     return row
 
 
+def distill(out: Path, layers: int, device: str = "cuda", steps: int = 3) -> dict:
+    """Part 5 (issue #17): a few distillation steps of an OLMo-3-7B-shaped student at 1.8x (random
+    factors) from its random dense teacher on one GPU, as ``vac distill --bf16 --grad-checkpoint``
+    runs them (sequences of 2048, one per step, loss chunks of 128); the peak GPU memory beside
+    ``vac.recover.memory``'s plan. ``--device cpu``: the same code at a small shape (a dry run)."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    from vac.core.allocate import matrices_of, uniform_ranks
+    from vac.models.layers import factorize_
+    from vac.recover.data import DataMix, Samples
+    from vac.recover.distill import Dist, DistillConfig, run_distill
+    from vac.recover.memory import Net, distill_bytes
+
+    small = device == "cpu"
+    shape = dict(vocab_size=512 if small else 100278, hidden_size=128 if small else 4096,
+                 intermediate_size=352 if small else 11008, num_attention_heads=4 if small else 32,
+                 num_key_value_heads=4 if small else 32)
+    seq = 64 if small else 2048
+    config = Olmo3Config(**shape, num_hidden_layers=layers, max_position_embeddings=4096, sliding_window=4096,
+                         rope_theta=500000.0, layer_types=["full_attention"] * layers, tie_word_embeddings=False,
+                         eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        teacher = Olmo3ForCausalLM(config).to(torch.bfloat16).eval()
+        student = Olmo3ForCausalLM(config)
+    ranks = uniform_ranks(matrices_of(student), 1.8)
+    student = factorize_(student, ranks, lambda _p, w, r: (torch.randn(w.shape[0], r, device=w.device) / math.sqrt(r),
+                                                          torch.randn(r, w.shape[1], device=w.device) * w.std()))
+    ids = torch.randint(0, config.vocab_size, (steps * 2, seq))
+    cfg = DistillConfig(steps=steps, seq_len=seq, batch_size=1, warmup=1, save_every=10**6, bf16=True,
+                        grad_checkpoint=True)
+    if not small:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = run_distill(student, teacher, DataMix(Samples.windows(ids)), cfg, out / "distill-out", progress=False,
+                         env=Dist(device=torch.device(device)))
+    plan = distill_bytes(Net.of(student.config), Net.of(config), world=1, fsdp=False, bf16=True,
+                         grad_checkpoint=True, micro_batch=1, seq_len=seq, loss_chunk=cfg.loss_chunk,
+                         top_k=cfg.top_k, cached_teacher=False)
+    row = {"layers": layers, "steps": steps, "seq_len": seq, "seconds": time.perf_counter() - t0,
+           "tokens_per_s": result.report["tokens_per_second"], "loss_curve": [r["loss"] for r in result.report["loss_curve"]],
+           "plan_gib": {k: v / 2**30 for k, v in plan.items()}}
+    if not small:
+        row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["gpu"] = torch.cuda.get_device_name()
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -258,6 +311,7 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-compiled", action="store_true")
     ap.add_argument("--scale", action="store_true", help="also the streamed compress of a 7B-shaped model")
+    ap.add_argument("--distill", action="store_true", help="also a few distillation steps of a 7B-shaped student")
     ap.add_argument("--device", default="cuda", help="cpu runs part 1 only (a dry run of the script)")
     args = ap.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
@@ -267,7 +321,8 @@ def main():
     for part, fn in (("cuda_paths", None if args.skip_paths else lambda: cuda_paths(args.out, args.device)),
                      ("speed", None if args.skip_speed or args.device == "cpu" else lambda: speed(args.layers)),
                      ("compiled", None if args.skip_compiled else lambda: compiled(args.layers, args.device)),
-                     ("scale", None if not args.scale or args.device == "cpu" else lambda: scale(args.out, args.layers))):
+                     ("scale", None if not args.scale or args.device == "cpu" else lambda: scale(args.out, args.layers)),
+                     ("distill", None if not args.distill else lambda: distill(args.out, args.layers, args.device))):
         if fn is None:
             continue
         try:

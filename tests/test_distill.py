@@ -421,6 +421,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
                 [r[key] for r in one.report["loss_curve"]], rel=1e-5, abs=1e-7), (name, key)
         trained = weights(tmp_path / name)
         assert trained.keys() == reference.keys()
+        shards = sorted(p.name for p in (tmp_path / name).glob("model-*.safetensors"))
+        if name != "ddp":  # FSDP2: written a layer at a time, one shard each
+            assert shards == ["model-layer-00000.safetensors", "model-layer-00001.safetensors", "model-rest.safetensors"]
         for k in reference:
             torch.testing.assert_close(trained[k], reference[k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")
     # bf16 compute: one process autocasts, two shard with bf16 parameters; same run within bf16 rounding

@@ -137,15 +137,20 @@ def save(model, tokenizer, out, *, overwrite=False, dtype: torch.dtype | None = 
         write_shipped(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, content in (extra or {}).items():
-            path = tmp / name
-            if isinstance(content, dict):
-                path.write_text(json.dumps(content, indent=2))
-            elif isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
+        write_extra(tmp, extra)
     return Path(out)
+
+
+def write_extra(folder: Path, extra: dict | None) -> None:
+    """Files beside the weights: name → str, bytes or dict (written as JSON)."""
+    for name, content in (extra or {}).items():
+        path = Path(folder) / name
+        if isinstance(content, dict):
+            path.write_text(json.dumps(content, indent=2))
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
 
 
 def load(path, *, dtype: torch.dtype | None = torch.float32, device: str | None = None):

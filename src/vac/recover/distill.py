@@ -513,7 +513,7 @@ def _set_rng_state(state: dict) -> None:
 @dataclass
 class Result:
     report: dict
-    model: nn.Module | None  # the trained student on rank 0 (unwrapped), None elsewhere
+    model: nn.Module | None  # the trained student on rank 0 (None elsewhere and for FSDP2 runs: read it from the folder)
 
 
 STATE_DIR = "resume"
@@ -685,12 +685,21 @@ def run_distill(
             })
     bar.close()
 
-    trained = _unwrapped(model, student, cfg, env)
+    # FSDP2: evaluated by all ranks and saved a layer at a time (vac.recover.sharded.save_sharded);
+    # otherwise rank 0 holds the whole trained student
+    sharded = env.on and _is_sharded(model)
+    trained = None if sharded or not env.main else student
     result_model = None
     report = None
+    if sharded and eval_windows is not None:
+        model.eval()
+        ppl_after = _perplexity(model, eval_windows, cfg, progress and env.main)
     if env.main:
-        trained.eval()
-        ppl_after = _perplexity(trained, eval_windows, cfg, progress) if eval_windows is not None else None
+        if trained is not None:
+            trained.eval()
+            ppl_after = _perplexity(trained, eval_windows, cfg, progress) if eval_windows is not None else None
+        elif eval_windows is None:
+            ppl_after = None
         report = {
             **run_info,
             "config": asdict(cfg),
@@ -726,12 +735,17 @@ def run_distill(
         else:
             files["report.json"] = report
         files["loss.png"] = loss_plot(history, f"distill {run_info.get('student', '')}".strip())
-        from .. import checkpoint
+        if trained is not None:
+            from .. import checkpoint
 
-        for p in trained.parameters():
-            p.requires_grad_(True)
-        checkpoint.save(trained, tokenizer, out, overwrite=True, dtype=save_dtype, extra=files)
-        result_model = trained
+            for p in trained.parameters():
+                p.requires_grad_(True)
+            checkpoint.save(trained, tokenizer, out, overwrite=True, dtype=save_dtype, extra=files)
+            result_model = trained
+    if sharded:
+        from .sharded import save_sharded
+
+        save_sharded(model, tokenizer, out, env, dtype=save_dtype, extra=files if env.main else None)
     env.barrier()
     return Result(report, result_model)
 
@@ -907,25 +921,6 @@ def _load_state(model, optimizer, scheduler, state: dict, env: Dist, folder: Pat
     scheduler.load_state_dict(state["scheduler"])
     if state.get("world_size") == env.world:
         _set_rng_state(state["rng"][env.rank])
-
-
-def _unwrapped(model, student, cfg: DistillConfig, env: Dist):
-    """The trained student as a plain module on rank 0 (gathering FSDP shards), None elsewhere."""
-    if not cfg.fsdp:
-        return student if env.main else None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full = get_model_state_dict(model, options=_sd_options(cpu_offload=True))
-    if not env.main:
-        return None
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_config(student.config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(full, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise VacError(f"gathered FSDP state does not fit the student ({(unexpected or missing)[0]})")
-    fresh.tie_weights()
-    return fresh.to(env.device)
 
 
 def loss_plot(history: list[dict], title: str) -> bytes:
