@@ -80,13 +80,12 @@ def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dt
     import tempfile
 
     from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from .. import checkpoint
     from ..atomic import ordinary_permissions, replace_dir, write_json
     from ..models.families import arch_for
-
-    from torch.distributed.fsdp import FSDPModule
 
     out, dtype = Path(out), dtype or torch.float32
     for module in model.modules():  # the sharded fp32 parameters registered, not a forward's unsharded ones
