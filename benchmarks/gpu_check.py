@@ -26,7 +26,7 @@ synthetic). Parts, each written to ``--out/gpu_check.json`` as soon as it ends:
 
 5. ``distill`` (``--distill``, issue #17): a few ``vac distill --bf16 --grad-checkpoint`` steps of an
    OLMo-3-7B-shaped 1.8x student (random factors) from its random bf16 teacher on one GPU (2048-token
-   sequences), ``torch.cuda.max_memory_allocated()`` beside the plan of ``vac.recover.memory`` (72 GiB
+   sequences), ``torch.cuda.max_memory_allocated()`` beside the plan of ``vac.recover.memory`` (73 GiB
    at 32 layers). ``--device cpu --layers 2`` runs it at a small shape.
 
     python benchmarks/gpu_check.py --out DIR [--layers 32] [--skip-paths] [--skip-speed] [--skip-compiled] [--scale] [--distill]

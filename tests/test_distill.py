@@ -610,6 +610,49 @@ def test_cli_errors_are_one_line(tmp_path):
         assert text.startswith("error:") and message in text and "Traceback" not in text, result.output
 
 
+def test_memory_plan_counts_the_real_parameters():
+    from vac.recover.memory import Net, distill_bytes
+
+    student = student_of()
+    net = Net.of(student.config)  # a vac config: its rank map builds the factors
+    assert net.params == sum(p.numel() for p in student.parameters())
+    linears = [m for n, m in student.named_modules() if n.startswith("model.layers.")
+               and n.endswith("_proj")]
+    assert len(linears) == 2 * 7 and net.linear_params == sum(p.numel() for m in linears for p in m.parameters())
+    one = distill_bytes(net, net, world=1, fsdp=True, bf16=False, grad_checkpoint=False, micro_batch=2, seq_len=16,
+                        loss_chunk=0, top_k=8, cached_teacher=True)
+    four = distill_bytes(net, net, world=4, fsdp=True, bf16=False, grad_checkpoint=False, micro_batch=2, seq_len=16,
+                         loss_chunk=0, top_k=8, cached_teacher=True)
+    assert one["weights"] == net.params * 4 and four["weights"] == net.params  # sharded over 4 ranks
+    assert one["adam"] == 2 * net.linear_params * 4 and one["teacher"] == 0
+
+
+def test_cli_dry_run_prints_the_plan_per_rank_and_loads_nothing(tiny_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vac.cli.distill  # noqa: F401  (registers the command)
+    from vac import checkpoint as ckpt_module
+    from vac.cli import app
+    from vac.recover.memory import Net, distill_bytes
+
+    student = student_of()
+    checkpoint.save(student, tiny_tokenizer(), tmp_path / "ckpt")
+    monkeypatch.setattr(ckpt_module, "load", lambda *a, **k: pytest.fail("--dry-run loaded a model"))
+    run = CliRunner().invoke(app, ["distill", str(tmp_path / "ckpt"), "--teacher", str(tiny_folder), "--data",
+                                   str(tmp_path / "calib.txt"), "--dry-run", "--fsdp", "--bf16", "--seq-len", "32",
+                                   "--batch-size", "8"], env={"COLUMNS": "250"})
+    assert run.exit_code == 0, run.output
+    rows = [line.split("│") for line in run.output.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8] and [int(r[1]) for r in rows] == [8, 4, 2, 1]
+    expected = distill_bytes(Net.of(student.config), Net.of(tiny_llama(layers=2).config), world=4, fsdp=True, bf16=True,
+                             grad_checkpoint=False, micro_batch=2, seq_len=32, loss_chunk=128, top_k=64,
+                             cached_teacher=False)
+    from vac.core.memory import human
+
+    assert rows[2][-1].strip() == human(expected["peak"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_cache_teacher_only_then_train_from_the_cache(tiny_folder, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -47,6 +47,8 @@ class Net:
 
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # a tied head is the embedding: counted once
         arch = arch_for(model)
         layers = model.get_submodule(arch.layers)
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
