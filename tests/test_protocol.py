@@ -26,7 +26,7 @@ SPLITS_NAMED = {
                            "web-bible:calib+shakespeare:calib",
                            "web-bible:calib+shakespeare:calib+handbook:calib", "handbook:calib+{self}",
                            "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
-    "decode_probe.py": set(), "gpu_check.py": set(), "quality.py": set(), "scale.py": set(), "search.py": set(),
+    "decode_probe.py": set(), "distill_memory.py": set(), "gpu_check.py": set(), "quality.py": set(), "scale.py": set(), "search.py": set(),
     "onnx_profile.py": set(), "onnx_quality.py": set(),
     "recovery.py": {"austen:eval"},
 }

@@ -126,13 +126,13 @@ def distill(
     if sharded:
         from transformers import AutoTokenizer
 
-        from ..recover.distill import _shard
+        from ..recover.distill import shard_model
         from ..recover.sharded import load_sharded
 
         student = student_dir
         tok = AutoTokenizer.from_pretrained(student_dir) if checkpoint._has_tokenizer(student_dir) else None
         teacher_folder = teacher_source if Path(teacher_source).is_dir() else hub_snapshot(teacher_source)
-        load_teacher = lambda: load_sharded(teacher_folder, lambda m: _shard(m, cfg), env.device,  # noqa: E731
+        load_teacher = lambda: load_sharded(teacher_folder, lambda m: shard_model(m, cfg), env.device,  # noqa: E731
                                             frozen=True, dtype=teacher_dtype)
     else:
         student, tok = checkpoint.load(student_dir)

@@ -580,13 +580,13 @@ def run_distill(
     if sharded:
         from .sharded import load_sharded
 
-        student = load_sharded(student, lambda m: _shard(m, cfg), device)
+        student = load_sharded(student, lambda m: shard_model(m, cfg), device)
     elif isinstance(student, (str, os.PathLike)):
         from .. import checkpoint
 
         student, _ = checkpoint.load(student)
     get_teacher = _teacher_loader(teacher, device, student.config.vocab_size,
-                                  shard=(lambda m: _shard(m, cfg)) if cfg.fsdp and env.on else None)
+                                  shard=(lambda m: shard_model(m, cfg)) if cfg.fsdp and env.on else None)
 
     # with a cache, training reads teacher logits only from it (filled by fill_teacher_cache)
     cache = TopKCache(teacher_cache, cfg.top_k, teacher_id) if teacher_cache else None
@@ -795,7 +795,7 @@ def _wrap(student: nn.Module, cfg: DistillConfig, env: Dist) -> nn.Module:
     if cfg.fsdp:
         if not env.on:
             raise VacError("--fsdp needs several processes: run under torchrun --nproc_per_node N")
-        return _shard(student, cfg)
+        return shard_model(student, cfg)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -807,7 +807,7 @@ def _is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _shard(model: nn.Module, cfg: DistillConfig) -> nn.Module:
+def shard_model(model: nn.Module, cfg: DistillConfig) -> nn.Module:
     """FSDP2 ``fully_shard`` on every decoder layer, then the root; ``--bf16``: a MixedPrecisionPolicy
     (parameters all-gathered in bf16, gradients reduced in fp32, master weights fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -27,7 +27,7 @@ from ..errors import VacError
 def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = False,
                  dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``folder`` (a vac checkpoint or a dense HF folder of safetensors), sharded by
-    ``shard(model)`` (e.g. :func:`vac.recover.distill._shard`) and loaded shard by shard on ``device``
+    ``shard(model)`` (e.g. :func:`vac.recover.distill.shard_model`) and loaded shard by shard on ``device``
     in ``dtype`` (fp32: master weights; a frozen teacher may be bf16); ``frozen``: every parameter
     without gradient (a teacher)."""
     from accelerate import init_empty_weights
