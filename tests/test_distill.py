@@ -554,7 +554,7 @@ from conftest import tokens
 from transformers import LlamaConfig, LlamaForCausalLM
 from vac.recover.distill import DistillConfig, run_distill
 from vac.recover.data import DataMix, Samples
-config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+config = LlamaConfig(vocab_size=128, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=8)
 torch.manual_seed(0)
 student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
@@ -565,7 +565,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 """
 
 
-@pytest.mark.slow  # two two-step distillations of a 0.25 GB model in subprocesses (the second step holds
+@pytest.mark.slow  # two two-step distillations of a 0.11 GB model in subprocesses (the second step holds
 # the AdamW moments, the gradients and the activations at once)
 def test_memory_plan_matches_the_measured_step(tmp_path):
     """What a training step adds to the loaded models (gradients, AdamW moments, activations, logits)
@@ -574,7 +574,7 @@ def test_memory_plan_matches_the_measured_step(tmp_path):
 
     from vac.recover.memory import Net, distill_bytes
 
-    config = LlamaConfig(vocab_size=128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=128, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=8)
     net = Net.of(config)
     (tmp_path / "step.py").write_text(STEP_MEMORY.format(tests=str(Path(__file__).parent)))

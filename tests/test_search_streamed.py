@@ -195,14 +195,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_streamed_search_peak_does_not_grow_with_the_number_of_layers(tmp_path):
     """Tiny but wide (each layer 28 MB of fp32 weights, 48 MB of fp64 statistics, 28 MB per factor set):
     the search's own stages (Fisher pass, input statistics, a factor set, a generation's proxy scores;
-    its full re-scores are streamed compressions, bounded in tests/test_stream.py) at 8 layers peak
-    within half of what holding the 6 extra layers' weights, statistics and factors would add."""
+    its full re-scores are streamed compressions, bounded in tests/test_stream.py) at 6 layers peak
+    within half of what holding the 4 extra layers' weights, statistics and factors would add."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     for name, seed in (("calib", 1), ("search", 3)):
         (tmp_path / f"{name}.txt").write_text(word_text(4000, seed=seed))
     peaks = {}
-    for layers in (2, 8):
+    for layers in (2, 6):
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=tiny_tokenizer().vocab_size, hidden_size=768, intermediate_size=2048,
                              num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=12,
@@ -215,5 +215,5 @@ def test_streamed_search_peak_does_not_grow_with_the_number_of_layers(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         peaks[layers] = int(run.stdout.split()[-1]) / 1024  # MB
         assert len(list((tmp_path / f"cache{layers}" / "stream" / "inputs").iterdir())) == layers
-    held = 6 * (28 + 48 + 28)  # MB the in-memory search would add
-    assert peaks[8] - peaks[2] < held / 2, peaks
+    held = 4 * (28 + 48 + 28)  # MB the in-memory search would add
+    assert peaks[6] - peaks[2] < held / 2, peaks
