@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_search
 import torch
-from conftest import tiny_llama, tiny_tokenizer, word_text
+from conftest import tiny_tokenizer, word_text
 from typer.testing import CliRunner
 
 import vac.cli.search  # noqa: F401  (registers the command)
@@ -17,36 +18,13 @@ from vac.data.windows import eval_windows, sample_windows
 from vac.errors import VacError
 from vac.search.run import run_search
 from vac.search.scoring import InMemoryEngine
-from vac.search.space import Genome, SearchSetup
+from vac.search.space import Genome
 from vac.search.streamed import StreamedEngine, StreamedScorer
 
 runner = CliRunner()
 QUIET = dict(progress=False, log=lambda _m: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streamed-search")
-    tiny_llama(layers=4).save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    for name, seed, n in (("calib", 1, 3000), ("search", 3, 1500), ("eval", 2, 1500)):
-        (root / f"{name}.txt").write_text(word_text(n, seed=seed))
-    return root
-
-
-def setup_for(files, **kw) -> SearchSetup:
-    base = dict(model=str(files / "tiny"), ratio=1.5, population=4, calib=str(files / "calib.txt"),
-                search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
-                fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4)
-    return SearchSetup(**base | kw)
+# the in-memory search tests' tiny model, texts, setup and one-thread fixture, shared
+files, one_thread, setup_for = test_search.files, test_search.one_thread, test_search.setup_for
 
 
 def engines(files, tmp_path, **kw):
@@ -175,7 +153,7 @@ PEAK = """
 import resource, sys, torch
 sys.path.insert(0, {tests!r})
 from vac.data.windows import eval_windows, sample_windows
-from vac.search.space import Genome, SearchSetup
+from vac.search.space import Genome
 from vac.search.streamed import StreamedEngine
 torch.set_num_threads(1)
 root = sys.argv[1]
