@@ -97,7 +97,7 @@ def plan(source: Path) -> dict:
     from vac.core.stream import skeleton
     from vac.models.families import arch_for
 
-    model, reader = skeleton(source, "meta", load=False)
+    model, reader = skeleton(source, "meta")
     shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
     stages = stage_bytes(shapes, windows=8, seq_len=256, fisher_windows=2, batch_size=8,
                          refine=StrategyConfig().resolved().refine)  # what `vac compress` runs

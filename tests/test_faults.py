@@ -340,7 +340,7 @@ def test_out_of_memory_in_a_streamed_stage_says_how_much_it_needs(inputs, tmp_pa
     monkeypatch.setattr(stream_module, "decompose", oom)
     result = runner.invoke(app, build(["compress", "{root}/tiny"], inputs, tmp_path / "out"))
     line = one_error(result)
-    model, reader = stream_module.skeleton(inputs / "tiny", "meta", load=False)
+    model, reader = stream_module.skeleton(inputs / "tiny", "meta")
     shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
     assert shapes.linears["mlp.down_proj"] == (model.config.hidden_size, model.config.intermediate_size)
     needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8,

@@ -133,7 +133,7 @@ class _Job:
             raise VacError(f"{self.model} has no tokenizer")
         if AutoConfig.from_pretrained(source).model_type.startswith("vac_"):
             raise VacError(f"{self.model} is already a vac checkpoint; compress its dense source model")
-        net, reader = skeleton(source, "meta", load=False)  # shapes only: no tensor is read
+        net, reader = skeleton(source, "meta")  # shapes only: no tensor is read
         check_budget(net, self.config)
         dtype = DTYPES[self.dtype] if self.dtype else reader.dtype()
         windows = sample_windows(tok, d.calib, d.seq_len, d.calib_windows, d.seed)

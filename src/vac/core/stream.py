@@ -168,10 +168,9 @@ def _set(model, name: str, value: torch.Tensor, device) -> None:
     set_module_tensor_to_device(model, name, device, value=value)
 
 
-def skeleton(folder: str | os.PathLike, device, load: bool = True):
-    """``(model, reader)``: the model of ``folder`` with every parameter on meta except those outside
-    the decoder layers, which are loaded in fp32 on ``device`` (``load=False``: none; :class:`Layers`
-    loads them when a pass needs them)."""
+def skeleton(folder: str | os.PathLike, device):
+    """``(model, reader)``: the model of ``folder`` with every parameter on meta (:class:`Layers` loads
+    the layers, the embedding and the head when a pass needs them) and its buffers on ``device``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -189,8 +188,6 @@ def skeleton(folder: str | os.PathLike, device, load: bool = True):
     for name, buf in list(model.named_buffers()):
         if not name.startswith(prefix) and buf.device.type != "meta":
             _set(model, name, buf.to(device), device)
-    if load:
-        _load_outer(model, reader, device, [n for n, _ in model.named_parameters() if not n.startswith(prefix)])
     return model.eval(), reader
 
 
@@ -468,7 +465,7 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     source, out = Path(source), Path(out)
     started = time.perf_counter()
     bounded_heap()
-    model, reader = skeleton(source, device, load=False)
+    model, reader = skeleton(source, device)
     if model.config.model_type.startswith("vac_"):
         raise VacError(f"{source} is already a vac checkpoint; compress its dense source model")
     dtype = dtype or reader.dtype()
@@ -726,16 +723,27 @@ def _itemsize(name: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
 
 
+def window_nll(stream: LayerStream, hidden: list[torch.Tensor], windows: list[torch.Tensor]) -> tuple[float, int]:
+    """``(summed NLL, tokens)`` of each window's next tokens from its last hidden state (head loaded)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for h, w in zip(hidden, windows):
+        logits = stream.head(h)[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return total, count
+
+
 @torch.no_grad()
 def stream_perplexity(folder: str | os.PathLike, windows: torch.Tensor, device="cpu", progress: bool = True) -> dict:
     """:func:`vac.core.evaluate.perplexity` of the model in ``folder`` (dense or vac), one layer in
     memory at a time; windows are scored one by one, as there."""
     import math
 
-    import torch.nn.functional as F
 
     bounded_heap()
-    model, reader = skeleton(folder, device, load=False)
+    model, reader = skeleton(folder, device)
     layers = Layers(model, reader, device)
     ws = [w.to(device) for w in windows.split(1)]
     hidden = layers.embed(ws)
@@ -743,11 +751,7 @@ def stream_perplexity(folder: str | os.PathLike, windows: torch.Tensor, device="
         layers.load(i)
         hidden = [layers.stream.layer(i, h, w) for h, w in zip(hidden, ws)]
         layers.release(i)
-    total, count = 0.0, 0
     with layers.outer("head"):
-        for h, w in zip(hidden, ws):
-            logits = layers.stream.head(h)[:, :-1].float()
-            total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-            count += w[:, 1:].numel()
+        total, count = window_nll(layers.stream, hidden, ws)
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "seq_len": windows.shape[1], "windows": windows.shape[0]}

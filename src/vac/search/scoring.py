@@ -100,17 +100,23 @@ class FactorCache:
             raise RuntimeError(f"factor set {self.name(method, exponent)} is missing and there are no statistics")
         flat = {}
         for m in matrices_of(self.model):
-            w = weighting(method, self.stats.inputs.get(m.path), self.stats.fisher.get(m.path), exponent,
-                          self.asvd_alpha)
-            weight = self.model.get_submodule(m.path).weight
-            u, s, vh = decompose(weight, w)
+            flat |= factor_entry(m.path, self.model.get_submodule(m.path).weight, method, exponent,
+                                 self.stats.inputs.get(m.path), self.stats.fisher.get(m.path), self.asvd_alpha)
             self.svds += 1
-            up, down = w.factors(u, s, vh, max_useful_rank(m.out_features, m.in_features))
-            flat[f"{m.path}|up"] = up.float().contiguous()
-            flat[f"{m.path}|down"] = down.float().contiguous()
-            # the allocation curve exactly as core.driver.allocation_curves computes it (svdvals, not the SVD's s)
-            flat[f"{m.path}|s"] = torch.linalg.svdvals(w.apply(weight)).contiguous()
         return flat
+
+
+@torch.no_grad()
+def factor_entry(path: str, weight: torch.Tensor, method: str, exponent: float, inputs, fisher,
+                 asvd_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """One matrix of a factor set: ``path|up``, ``path|down`` (the weighted SVD at the largest useful
+    rank, fp32) and ``path|s``, its allocation spectrum exactly as core.driver.allocation_curves computes
+    it (svdvals of the weighted matrix, not the SVD's s)."""
+    w = weighting(method, inputs, fisher, exponent, asvd_alpha)
+    u, s, vh = decompose(weight, w)
+    up, down = w.factors(u, s, vh, max_useful_rank(*weight.shape))
+    return {f"{path}|up": up.float().contiguous(), f"{path}|down": down.float().contiguous(),
+            f"{path}|s": torch.linalg.svdvals(w.apply(weight)).contiguous()}
 
 
 def finite(x: float) -> float:

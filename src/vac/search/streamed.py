@@ -19,8 +19,9 @@ front-to-back order only, so this search keeps the order gene fixed.
 
 Peak memory: the larger of ``vac compress``'s streamed peak (:mod:`vac.core.memory`) and one layer in
 fp32 + one layer's statistics + one layer's factor set + the search windows' hidden states of every
-genome of a generation (the embedding and the head are loaded only for a pass's first and last step) (``population × search_windows × seq_len × hidden × 4`` bytes). No state is
-kept between calls other than the spectra (one vector per matrix).
+genome of a generation (``population × search_windows × seq_len × hidden × 4`` bytes); the embedding
+and the head are loaded only for a pass's first and last step. No state is kept between calls other
+than the spectra (one vector per matrix).
 """
 
 from __future__ import annotations
@@ -34,14 +35,22 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, torch_save
 from ..cache import pack_fisher, pack_inputs, unpack_fisher, unpack_inputs
-from ..core.allocate import DENSE, matrices_of
+from ..core.allocate import DENSE, matrices_of, total_params
 from ..core.calibrate import input_hooks
-from ..core.methods import decompose, weighting
-from ..core.stream import Analysis, Layers, bounded_heap, fisher_pass, skeleton, stream_compress, stream_perplexity
+from ..core.stream import (
+    Analysis,
+    Layers,
+    bounded_heap,
+    fisher_pass,
+    skeleton,
+    stream_compress,
+    stream_perplexity,
+    window_nll,
+)
 from ..faults import stage
 from ..models.families import arch_for
-from ..models.layers import make_low_rank, max_useful_rank, restored
-from .scoring import FactorCache, finite, proxy_allocation
+from ..models.layers import make_low_rank, restored
+from .scoring import FactorCache, factor_entry, finite, proxy_allocation
 from .space import Genome, SearchSetup, assert_budget, max_step
 
 
@@ -126,17 +135,10 @@ class StreamedFactors:
             layer_stats = unpack_inputs(torch.load(self._stats_file(i), weights_only=True))
             self.layers.load(i)
             flat = {}
-            with torch.no_grad():
-                for path in self.paths(i):
-                    w = weighting(method, layer_stats.get(path), self.fisher.get(path), exponent, None)
-                    weight = self.model.get_submodule(path).weight
-                    u, s, vh = decompose(weight, w)
-                    self.svds += 1
-                    up, down = w.factors(u, s, vh, max_useful_rank(*weight.shape))
-                    flat[f"{path}|up"] = up.float().contiguous()
-                    flat[f"{path}|down"] = down.float().contiguous()
-                    flat[f"{path}|s"] = torch.linalg.svdvals(w.apply(weight)).contiguous()  # as FactorCache
-                    del w, u, s, vh, up, down
+            for path in self.paths(i):
+                flat |= factor_entry(path, self.model.get_submodule(path).weight, method, exponent,
+                                     layer_stats.get(path), self.fisher.get(path))
+                self.svds += 1
             self.layers.release(i)
             atomic_write(self._factor_file(method, exponent, i), lambda tmp, f=flat: save_file(f, str(tmp)))
             del flat, layer_stats
@@ -180,8 +182,6 @@ class StreamedScorer:
         import math
         import time
 
-        import torch.nn.functional as F
-
         t0 = time.perf_counter()
         f, layers, stream = self.factors, self.factors.layers, self.factors.layers.stream
         ranks = [self.allocation(g)[1] for g in genomes]
@@ -212,15 +212,9 @@ class StreamedScorer:
             layers.release(i)
         results, seconds = [], (time.perf_counter() - t0) / max(len(genomes), 1)
         dense_params = sum(m.dense_params for m in self.matrices)
-        from ..core.allocate import total_params
-
         with layers.outer("head"):
             for j in range(len(genomes)):
-                total, count = 0.0, 0
-                for h, w in zip(hidden[j], ws):
-                    logits = stream.head(h)[:, :-1].float()
-                    total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-                    count += w[:, 1:].numel()
+                total, count = window_nll(stream, hidden[j], ws)
                 after = total_params(self.matrices, ranks[j])
                 results.append({"score": finite(math.exp(total / count)), "params_after": after,
                                 "ratio_reached": dense_params / after, "seconds": seconds})
@@ -250,7 +244,7 @@ class StreamedEngine:
         bounded_heap()
         # between passes the skeleton holds no weight (the passes load the embedding, the head and
         # each layer when they need them), so a full re-score's own skeleton is not a second copy
-        self.model, reader = skeleton(source, device, load=False)
+        self.model, reader = skeleton(source, device)
         self.layers = Layers(self.model, reader, device)
 
     def plan(self, calib: torch.Tensor, windows: torch.Tensor) -> dict[str, int]:
