@@ -4,9 +4,12 @@
    or when the work folder already holds it);
 2. distill: ``vac distill`` from the dense model for at most ``--minutes`` of training (the cosine
    schedule is fitted to that budget after 5 steps); rerunning this script resumes it;
-3. writes ``benchmarks/results/recovery.json``: dense_ppl, compressed_ppl, recovered_ppl (one protocol:
-   the first ``--eval-windows`` non-overlapping ``--eval-seq-len``-token windows of ``austen:eval``, every
-   shifted token scored, use_cache=False), minutes (training time), tokens (trained tokens).
+3. scores (reporting only, after the run): the dense, compressed and recovered models on the held-out
+   texts of the quality benchmark (``REPORT_EVALS``; one protocol: the first ``--eval-windows``
+   non-overlapping ``--eval-seq-len``-token windows, every shifted token scored, use_cache=False) and
+   on chat fidelity (:mod:`vac.core.fidelity`), and the snapshots written every ``--snapshot-every``
+   steps on the first held-out text: the recovered PPL over the training minutes;
+4. writes ``benchmarks/results/recovery.json`` and ``recovery.png`` (PPL and loss over the minutes).
 
     .venv/bin/python benchmarks/recovery.py                      # full run: 60 training minutes
     .venv/bin/python benchmarks/recovery.py --minutes 2 ...      # a quick end-to-end check
@@ -47,14 +50,20 @@ def main(argv=None):
     ap.add_argument("--compress-args", default="", help="extra options of vac compress, one string")
     ap.add_argument("--minutes", type=float, default=60.0, help="training time budget of the distillation")
     ap.add_argument("--max-steps", type=int, default=100_000, help="upper bound on the steps")
-    ap.add_argument("--eval", default="austen:eval")
+    ap.add_argument("--eval", nargs="+", default=None, help="held-out texts, reporting only [REPORT_EVALS]; "
+                    "the first is the one the distillation reports before/after and the curve uses")
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--work", type=Path, default=None, help="folder of the checkpoints [~/.cache/vac/bench/recovery]")
     ap.add_argument("--results", type=Path, default=RESULTS / "recovery.json")
     ap.add_argument("--nproc", type=int, default=2, help="distillation processes (torchrun, DDP on gloo)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (OMP_NUM_THREADS)")
+    ap.add_argument("--snapshot-every", type=int, default=25, help="steps between the curve's snapshots (0: none)")
+    ap.add_argument("--no-chat", action="store_true", help="skip the chat-fidelity scores")
     args, distill_args = ap.parse_known_args(argv)
+    from vac.config import REPORT_EVALS
+
+    args.eval = args.eval or list(REPORT_EVALS)
     work = args.work or cache_dir() / "bench" / "recovery"
     py = sys.executable
     started = time.perf_counter()
@@ -73,8 +82,11 @@ def main(argv=None):
         sys.exit(f"error: no checkpoint folder at {student}")
 
     distilled = work / f"{student.name}-distilled"
-    eval_opts = ["--eval", args.eval, "--eval-windows", str(args.eval_windows),
+    snapshots = work / f"{student.name}-snapshots"
+    eval_opts = ["--eval", args.eval[0], "--eval-windows", str(args.eval_windows),
                  "--eval-seq-len", str(args.eval_seq_len)]
+    if args.snapshot_every:
+        eval_opts += ["--snapshot-every", str(args.snapshot_every), "--snapshots", str(snapshots)]
     launcher = [py, "-m", "vac.cli"] if args.nproc == 1 else [
         py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "vac.cli"]
     distill_cmd = [*launcher, "distill", str(student), "--teacher", args.model,
@@ -84,16 +96,17 @@ def main(argv=None):
         run(distill_cmd)
     report = json.loads((distilled / "distill.json").read_text())
 
-    dense = dense_ppl(args)
+    scores = score_all(args, student, distilled, snapshots, report)
     result = {
-        "dense_ppl": dense["ppl"],
+        "dense_ppl": scores["dense"]["ppl"][args.eval[0]],
         "compressed_ppl": report["ppl_before"]["ppl"],
         "recovered_ppl": report["ppl_after"]["ppl"],
         "minutes": report["minutes"],
         "tokens": report["tokens"],
         "steps": report["steps"],
-        "protocol": f"{args.eval_windows} non-overlapping windows of {args.eval_seq_len} tokens of {args.eval}, "
-                    "all shifted tokens scored, use_cache=False",
+        "protocol": f"{args.eval_windows} non-overlapping windows of {args.eval_seq_len} tokens of each held-out "
+                    "text, all shifted tokens scored, use_cache=False",
+        "held_out": scores,
         "model": args.model,
         "ratio": args.ratio,
         "student": str(student),
@@ -111,18 +124,68 @@ def main(argv=None):
     from vac.atomic import write_json
 
     write_json(args.results, result, indent=2)
+    plot(result, report["loss_curve"], args.results.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("dense_ppl", "compressed_ppl", "recovered_ppl", "minutes", "tokens")},
                      indent=1))
 
 
-def dense_ppl(args) -> dict:
-    """PPL of the dense model under the same protocol (cached on disk per model folder)."""
-    from vac.core.evaluate import measured_ppl
+def score_all(args, student: Path, distilled: Path, snapshots: Path, report: dict) -> dict:
+    """PPL on every held-out text and chat fidelity of the dense, compressed and recovered models, and
+    the PPL on the first text of every snapshot (at its training minute)."""
+    from vac import checkpoint
+    from vac.core.evaluate import perplexity
+    from vac.core.fidelity import chat_fidelity, reference_answers
+    from vac.data.prompts import prompts
+    from vac.data.windows import eval_windows
     from vac.models.zoo import load_model, resolve_model
+    from vac.recover.distill import load_snapshot
 
-    model, tok = load_model(args.model)
-    return measured_ppl(model, tok, resolve_model(args.model), args.eval, args.eval_seq_len, args.eval_windows,
-                        cache=True)
+    dense, tok = load_model(args.model)
+    windows = {spec: eval_windows(tok, spec, args.eval_seq_len, args.eval_windows) for spec in args.eval}
+    refs = None if args.no_chat else reference_answers(dense, tok, prompts("eval"), source=resolve_model(args.model))
+
+    def scores(net) -> dict:
+        return {"ppl": {spec: perplexity(net, w, progress=False)["ppl"] for spec, w in windows.items()},
+                "chat": None if refs is None else chat_fidelity(net, refs)}
+
+    out = {"dense": scores(dense)}
+    del dense
+    out["compressed"] = scores(checkpoint.load(student)[0])
+    out["recovered"] = scores(checkpoint.load(distilled)[0])
+    seconds = {h["step"]: h["seconds"] for h in report["loss_curve"]}
+    curve = [{"step": 0, "minutes": 0.0, "ppl": out["compressed"]["ppl"][args.eval[0]]}]
+    net = checkpoint.load(student)[0]
+    for path in sorted(snapshots.glob("step-*.safetensors")) if snapshots.is_dir() else []:
+        step = load_snapshot(net, path)
+        if step in seconds:
+            curve.append({"step": step, "minutes": seconds[step] / 60,
+                          "ppl": perplexity(net, windows[args.eval[0]], progress=False)["ppl"]})
+    curve.append({"step": report["steps"], "minutes": report["minutes"], "ppl": out["recovered"]["ppl"][args.eval[0]]})
+    out["curve"] = {"data": args.eval[0], "points": curve}
+    return out
+
+
+def plot(result: dict, loss_curve: list[dict], path: Path) -> None:
+    """The recovered PPL (first held-out text) and the training loss over the training minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vac.atomic import atomic_write
+
+    curve = result["held_out"]["curve"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot([p["minutes"] for p in curve["points"]], [p["ppl"] for p in curve["points"]], "o-", label="recovered")
+    left.axhline(result["dense_ppl"], color="k", ls="--", lw=1, label="dense")
+    left.axhline(1.5 * result["dense_ppl"], color="g", ls=":", lw=1, label="1.5x dense")
+    left.set(xlabel="training minutes", ylabel=f"PPL ({curve['data']})", yscale="log", title="held-out PPL")
+    left.legend()
+    right.plot([h["seconds"] / 60 for h in loss_curve], [h["loss"] for h in loss_curve], lw=1)
+    right.set(xlabel="training minutes", ylabel="loss", title="distillation loss")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
 
 
 if __name__ == "__main__":

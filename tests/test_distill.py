@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from vac.recover.distill import (
     fill_teacher_cache,
     freeze_,
     kd_loss,
+    load_snapshot,
     lr_lambda,
     param_groups,
     run_distill,
@@ -308,6 +310,31 @@ def test_resume_equals_uninterrupted(tmp_path):
         run_distill(student_of(), teacher, mix_of(), cfg, tmp_path / "b", progress=False)
 
 
+def test_snapshots_hold_the_trained_parameters_at_their_step(tmp_path):
+    """Every snapshot_every steps the trainable parameters go to the snapshots folder (outside --out);
+    the last one loaded into the starting student gives the saved result; the resumed state agrees."""
+    teacher, held = tiny_llama(seed=0), tokens(2, SEQ, seed=9)
+    with pytest.raises(VacError, match="--snapshots"):
+        run_distill(student_of(), teacher, mix_of(), config(snapshot_every=2), tmp_path / "a", progress=False)
+    with pytest.raises(VacError, match="inside --out"):
+        run_distill(student_of(), teacher, mix_of(), config(snapshot_every=2), tmp_path / "a", progress=False,
+                    snapshots=tmp_path / "a" / "snaps")
+    done = run_distill(student_of(), teacher, mix_of(), config(snapshot_every=2), tmp_path / "a", progress=False,
+                       snapshots=tmp_path / "snaps", eval_windows=held)
+    files = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    assert files == ["step-000002.safetensors", "step-000004.safetensors", "step-000006.safetensors"]
+    net = student_of()
+    trained = {n for n, p in done.model.named_parameters() if "_proj" in n}
+    assert load_snapshot(net, tmp_path / "snaps" / files[-1]) == 6
+    final = weights(tmp_path / "a")
+    for name, p in net.named_parameters():
+        assert torch.equal(p, final[name]), name
+    assert any(not torch.equal(dict(student_of().named_parameters())[n], dict(net.named_parameters())[n])
+               for n in trained)  # the factors did move
+    load_snapshot(net, tmp_path / "snaps" / files[0])
+    assert not all(torch.equal(p, final[n]) for n, p in net.named_parameters())
+
+
 def test_activation_checkpointing_recomputes_layers_and_keeps_the_run(tmp_path):
     """--grad-checkpoint: each decoder layer's inside runs twice per micro-batch (forward, then again
     in the backward), and the losses and weights are those of the plain run."""
@@ -558,9 +585,9 @@ config = LlamaConfig(vocab_size=128, hidden_size=768, intermediate_size=2048, nu
                      num_attention_heads=8, num_key_value_heads=8)
 torch.manual_seed(0)
 student, teacher = LlamaForCausalLM(config), LlamaForCausalLM(config)
-cfg = DistillConfig(steps=2, seq_len=256, batch_size=8, save_every=100, grad_checkpoint=sys.argv[2] == "1")
+cfg = DistillConfig(steps=2, seq_len=256, batch_size=4, save_every=100, grad_checkpoint=sys.argv[2] == "1")
 before = int(open("/proc/self/statm").read().split()[1]) * 4096
-run_distill(student, teacher, DataMix(Samples.windows(tokens(16, 256))), cfg, sys.argv[1], progress=False)
+run_distill(student, teacher, DataMix(Samples.windows(tokens(8, 256))), cfg, sys.argv[1], progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
 """
 
@@ -580,16 +607,23 @@ def test_memory_plan_matches_the_measured_step(tmp_path):
     (tmp_path / "step.py").write_text(STEP_MEMORY.format(tests=str(Path(__file__).parent)))
     measured, planned = {}, {}
     for ck in (False, True):
-        run = subprocess.run([sys.executable, str(tmp_path / "step.py"), str(tmp_path / f"out{ck}"), str(int(ck))],
-                             capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        measured[ck] = int(run.stdout.split()[-1])
-        plan = distill_bytes(net, net, world=1, fsdp=False, bf16=False, grad_checkpoint=ck, micro_batch=8,
+        # a fixed mmap threshold: every freed tensor goes back to the system at once, so the peak RSS is
+        # the peak of the live tensors, not of glibc's heap as it happened to fragment; the lower of two
+        # fresh processes (one run in the whole suite once held one layer's activations more)
+        peaks = []
+        for i in range(2):
+            run = subprocess.run([sys.executable, str(tmp_path / "step.py"), str(tmp_path / f"out{ck}{i}"),
+                                  str(int(ck))], capture_output=True, text=True, timeout=600,
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+            assert run.returncode == 0, run.stderr[-2000:]
+            peaks.append(int(run.stdout.split()[-1]))
+        measured[ck] = min(peaks)
+        plan = distill_bytes(net, net, world=1, fsdp=False, bf16=False, grad_checkpoint=ck, micro_batch=4,
                              seq_len=256, loss_chunk=128, top_k=64, cached_teacher=False)
-        planned[ck] = plan["grads"] + plan["adam"] + plan["activations"] + plan["logits"]
-        assert 0.9 < measured[ck] / planned[ck] < 1.3, (ck, measured[ck], planned[ck])
+        planned[ck] = plan["peak"] - plan["weights"] - plan["teacher"]  # what the step adds to the loaded models
+        assert 0.9 < measured[ck] / planned[ck] < 1.15, (ck, measured[ck], planned[ck])
     saving = planned[False] - planned[True]
-    assert measured[False] - measured[True] == pytest.approx(saving, rel=0.25)
+    assert measured[False] - measured[True] == pytest.approx(saving, rel=0.15)
 
 
 # ----------------------------------------------------------------------------- CLI

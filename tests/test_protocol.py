@@ -28,7 +28,7 @@ SPLITS_NAMED = {
                            "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
     "decode_probe.py": set(), "distill_memory.py": set(), "gpu_check.py": set(), "quality.py": set(), "scale.py": set(), "search.py": set(),
     "onnx_profile.py": set(), "onnx_quality.py": set(),
-    "recovery.py": {"austen:eval"},
+    "recovery.py": set(),
 }
 
 

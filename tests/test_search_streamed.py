@@ -153,7 +153,7 @@ PEAK = """
 import resource, sys, torch
 sys.path.insert(0, {tests!r})
 from vac.data.windows import eval_windows, sample_windows
-from vac.search.space import Genome
+from vac.search.space import Genome, SearchSetup
 from vac.search.streamed import StreamedEngine
 torch.set_num_threads(1)
 root = sys.argv[1]

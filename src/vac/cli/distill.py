@@ -52,6 +52,9 @@ def distill(
     cache_teacher_only: bool = typer.Option(False, "--cache-teacher-only", help="only run the teacher over the "
                                             "batches of this run and write --teacher-cache, then exit"),
     save_every: int = typer.Option(50, help="save a resumable state every N steps"),
+    snapshot_every: int = typer.Option(0, help="write the trainable parameters every N steps to --snapshots "
+                                       "(quality over the run, scored afterwards; 0: never)"),
+    snapshots: Optional[Path] = typer.Option(None, help="folder of the --snapshot-every files (outside --out)"),
     max_minutes: Optional[float] = typer.Option(None, help="training time budget; the schedule is fitted "
                                                 "to it after 5 steps"),
     fsdp: bool = typer.Option(False, help="shard the student and the teacher with FSDP2 (each decoder layer, then "
@@ -93,6 +96,7 @@ def distill(
         clip=clip, temperature=temperature, alpha=alpha, train_norms=train_norms,
         train_embeddings=train_embeddings, top_k=top_k, seed=seed, save_every=save_every,
         max_minutes=max_minutes, fsdp=fsdp, bf16=bf16, grad_checkpoint=grad_checkpoint, loss_chunk=loss_chunk,
+        snapshot_every=snapshot_every,
     )
     cfg.check()
     if not (student_dir / "config.json").is_file():
@@ -165,7 +169,7 @@ def distill(
         student, None if teacher_cache else load_teacher, mix, cfg, out_dir, tokenizer=tok,
         eval_windows=windows,
         teacher_cache=teacher_cache, teacher_id=teacher_source, run_info=run_info, overwrite=overwrite,
-        save_dtype=save_dtype, extra_files=reports, env=env,
+        save_dtype=save_dtype, extra_files=reports, env=env, snapshots=snapshots,
     )
     if not env.main:
         return

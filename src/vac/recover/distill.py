@@ -105,6 +105,7 @@ class DistillConfig:
     bf16: bool = False
     grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
     loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
+    snapshot_every: int = 0  # write the trainable parameters every N steps (run_distill's snapshots folder; 0: never)
 
     def check(self) -> None:
         positive = {"steps": self.steps, "seq_len": self.seq_len - 1, "batch_size": self.batch_size,
@@ -123,11 +124,13 @@ class DistillConfig:
             raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
         if self.loss_chunk < 0:
             raise VacError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
+        if self.snapshot_every < 0:
+            raise VacError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
 
     def defining(self) -> dict:
         """The fields a resumed run must share with the run it continues."""
         # the same steps on another layout (ranks × micro-batches, sharding, checkpointing, loss chunks)
-        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint", "grad_accum"}
+        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint", "grad_accum", "snapshot_every"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -551,6 +554,7 @@ def run_distill(
     extra_files: dict | None = None,
     env: Dist | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    snapshots: str | os.PathLike | None = None,
 ) -> Result:
     """Distill ``teacher`` into ``student`` on ``mix`` and save the result as a vac checkpoint at ``out``.
 
@@ -561,12 +565,19 @@ def run_distill(
     and a batch missing from the cache stops the run with a one-line error. ``eval_windows`` [n, L] are scored before
     and after (PPL protocol of :mod:`vac.core.evaluate`). Rerunning with the same arguments resumes from the
     last state saved in ``out``. ``on_step(step, record)`` is called after every optimizer step.
+    With ``cfg.snapshot_every`` the trainable parameters are written every that many steps to
+    ``snapshots/step-NNNNNN.safetensors`` (outside ``out``, which the final save replaces), so the
+    quality over the run can be scored afterwards (:func:`load_snapshot`) without spending training time.
     """
     from tqdm.auto import tqdm
 
     cfg.check()
     env = env or init_distributed()
     out = Path(out)
+    if cfg.snapshot_every and snapshots is None:
+        raise VacError("--snapshot-every needs --snapshots (the folder the snapshots go to)")
+    if snapshots is not None and out.resolve() in (Path(snapshots).resolve(), *Path(snapshots).resolve().parents):
+        raise VacError(f"--snapshots {snapshots} is inside --out {out}, which the final save replaces")
     run_info = dict(run_info or {})
     per_rank, micro = _shares(mix, cfg, env)
     resume_path = output_state(out, overwrite)  # every rank checks (the folder is shared)
@@ -677,6 +688,8 @@ def run_distill(
                         tok_s=f"{float(sums[2]) / max(time.perf_counter() - t0, 1e-9):.0f}")
         if on_step is not None:
             on_step(step, record)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            _snapshot(student, Path(snapshots), step, env)
         if step % cfg.save_every == 0 or step >= plan["steps"]:
             _save_state(out, model, optimizer, scheduler, env, {
                 "step": step, "position": step * cfg.batch_size, "history": history, "seconds": seconds,
@@ -748,6 +761,37 @@ def run_distill(
         save_sharded(model, tokenizer, out, env, dtype=save_dtype, extra=files if env.main else None)
     env.barrier()
     return Result(report, result_model)
+
+
+def _snapshot(student: nn.Module, folder: Path, step: int, env: Dist) -> None:
+    """The trainable parameters after ``step``, fp32, one safetensors file written atomically by rank 0
+    (FSDP2: each parameter gathered by every rank, one at a time)."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            if env.main:
+                tensors[name] = full.detach().float().cpu().contiguous()
+    if env.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"step-{step:06d}.safetensors", save(tensors))
+
+
+def load_snapshot(student: nn.Module, path: str | os.PathLike) -> int:
+    """Copies a :func:`_snapshot` file's parameters into ``student``; returns its step."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(student.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise VacError(f"{path} holds {missing[0]}, which this model does not have")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    return int(Path(path).stem.split("-")[-1])
 
 
 def _check_same_run(state: dict, cfg: DistillConfig, run_info: dict, out: Path) -> None:

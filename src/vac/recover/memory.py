@@ -4,16 +4,20 @@ The terms follow the code of :mod:`vac.recover.distill`: fp32 master weights of 
 over the ranks by FSDP2, else whole), its gradients and AdamW moments for the trainable parameters;
 with FSDP2 the parameters of the layer being computed and the next one (prefetch) and of the root
 (embeddings, final norm, head) all-gathered in the compute dtype; the teacher in the compute dtype
-(sharded likewise, or none with a teacher cache); the activations a micro-batch keeps for the backward (every layer's, or
-with ``--grad-checkpoint`` each layer's input plus one layer's during its recompute), one layer's
-working set of the backward and the teacher forward's widest transients; the student's
+(sharded likewise, or none with a teacher cache); the activations a micro-batch keeps for the backward
+(every layer's, or with ``--grad-checkpoint`` each layer's input plus one layer's during its recompute)
+and the larger of the backward's working set and the teacher forward's widest transients; the student's
 logits and their gradient, the teacher's logits (or its cached top-k) and one chunk of the loss in
 fp32 (:func:`vac.recover.distill.chunked_kd_sums`). Saved activations per token and layer are taken as
-``8·hidden + 4·intermediate`` values (norm outputs, q/k/v, attention and projection outputs, residual,
-gate/up/activation/product of the MLP); attention is assumed memory-efficient (no seq² term), as
+``10·hidden + 4·intermediate`` values (the two norms' inputs and outputs, q/k/v and the rotated q/k,
+the attention output, gate/up/activation/product of the MLP; what autograd's saved-tensor hooks count
+on a Llama layer); attention is assumed memory-efficient (no seq² term), as
 SDPA's flash and memory-efficient kernels on GPUs are. Estimates: allocator slack and the CUDA context
 (≈ 0.5–1 GB) come on top. Terms: ``weights`` (student, fp32), ``gathered`` (FSDP2's unsharded layers
-and root), ``grads``, ``adam``, ``teacher``, ``activations``, ``logits`` (and the loss), ``peak`` (sum).
+and root), ``grads``, ``adam``, ``teacher``, ``activations``, ``logits`` (and the loss), ``peak`` (their
+sum, except that without gradient checkpointing or accumulation the gradients and the saved activations
+are not both at their full size: the backward frees the one as it builds the other). Checked against the measured peak
+in tests/test_distill.py.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class Net:
 
 def distill_bytes(student: Net, teacher: Net | None, *, world: int, fsdp: bool, bf16: bool, grad_checkpoint: bool,
                   micro_batch: int, seq_len: int, loss_chunk: int, top_k: int, cached_teacher: bool,
-                  train_norms: bool = False, train_embeddings: bool = False) -> dict[str, int]:
+                  train_norms: bool = False, train_embeddings: bool = False, grad_accum: int = 1) -> dict[str, int]:
     """Bytes per rank of each term and their sum (``peak``) for one training step."""
     shards = world if fsdp and world > 1 else 1
     cb = 2 if bf16 else FP32  # compute dtype of parameters, activations and logits
@@ -78,16 +82,33 @@ def distill_bytes(student: Net, teacher: Net | None, *, world: int, fsdp: bool, 
         teacher.params * cb // shards + ((2 * teacher.layer_params + teacher.outer_params) * cb if shards > 1 else 0),
     }
     tokens = micro_batch * seq_len
-    per_layer = tokens * (8 * student.hidden + 4 * student.inter) * cb
-    saved = student.layers * tokens * student.hidden * cb + per_layer if grad_checkpoint else student.layers * per_layer
-    # + the backward's working set of one layer (its activations' gradients) and, with a live teacher,
-    # the teacher forward's widest transients (one layer, no gradients kept)
-    teacher_forward = 0 if cached_teacher or teacher is None else tokens * (4 * teacher.hidden + 3 * teacher.inter) * cb
-    terms["activations"] = saved + per_layer + teacher_forward
+    per_layer = tokens * (10 * student.hidden + 4 * student.inter) * cb
+    # the teacher forward runs after the student's (its widest transients: one MLP's gate/up/activation,
+    # the residual and the norm's output), no gradients kept
+    teacher_forward = 0 if cached_teacher or teacher is None else tokens * (2 * teacher.hidden + 3 * teacher.inter) * cb
+    if grad_checkpoint:
+        # each layer's input kept; the backward through one layer recomputes its activations (or, at the
+        # end of the forward, the teacher's transients)
+        terms["activations"] = student.layers * tokens * student.hidden * cb + max(per_layer, teacher_forward)
+    else:
+        # every layer's saved tensors, and at the start of the backward its working set (the gradient of
+        # the widest activations) or, before it, the teacher's transients
+        working = tokens * (2 * student.hidden + 2 * student.inter) * cb
+        terms["activations"] = student.layers * per_layer + max(working, teacher_forward)
     chunk = seq_len if loss_chunk <= 0 else min(loss_chunk, seq_len)
     teacher_logits = tokens * top_k * (FP32 + 8) if cached_teacher else tokens * student.vocab * cb
     terms["logits"] = 2 * tokens * student.vocab * cb + teacher_logits + 3 * micro_batch * chunk * student.vocab * FP32
-    terms["peak"] = sum(terms.values())
+    # the gradients of the trainable parameters fill up during the backward while it frees the saved
+    # activations layer by layer: without checkpointing the peak is the larger of the start (all
+    # activations) and the end (all gradients and one layer's activations); with checkpointing the
+    # activations stay small and the last layer's recompute meets all the gradients; gradient
+    # accumulation keeps the previous micro-batches' gradients through the whole step
+    rest = sum(v for k, v in terms.items() if k not in ("grads", "activations"))
+    if grad_checkpoint or grad_accum > 1:
+        both = terms["grads"] + terms["activations"]
+    else:
+        both = max(terms["activations"], terms["grads"] + per_layer)
+    terms["peak"] = rest + both
     return terms
 
 
@@ -104,6 +125,7 @@ def distill_plan(student_config, teacher_config, cfg, *, cached_teacher: bool,
         terms = distill_bytes(student, teacher, world=world, fsdp=cfg.fsdp, bf16=cfg.bf16,
                               grad_checkpoint=cfg.grad_checkpoint, micro_batch=micro, seq_len=cfg.seq_len,
                               loss_chunk=cfg.loss_chunk, top_k=cfg.top_k, cached_teacher=cached_teacher,
-                              train_norms=cfg.train_norms, train_embeddings=cfg.train_embeddings)
+                              train_norms=cfg.train_norms, train_embeddings=cfg.train_embeddings,
+                              grad_accum=cfg.grad_accum)
         rows.append({"ranks": world, "micro_batch": micro, "bytes": terms})
     return rows
