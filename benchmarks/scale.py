@@ -116,8 +116,10 @@ def table(doc: dict) -> str:
             continue
         target = f"{row['plan']['target_gib']:.2f} GiB" if "plan" in row else "-"
         model = f"{max(row['plan']['stages_gib'].values()):.2f} GiB" if "plan" in row else "-"
-        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {model} | {target} | {row['wall_s'] / 60:.1f} min | "
-                     f"{(row['seconds']['statistics'] + row['seconds']['allocation']) / 60:.1f} min | "
+        wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") else "resumed"
+        seconds = row["seconds"]
+        stats = f"{(seconds['statistics'] + seconds['allocation']) / 60:.1f} min" if "statistics" in seconds else "-"
+        lines.append(f"| {row['layers']} | {row['mode']} | {row['peak_rss_gib']:.2f} GiB | {model} | {target} | {wall} | {stats} | "
                      f"{row['factorization_s_per_layer'] / 60:.1f} min | "
                      f"{row['source_disk_gib']:.2f} → {row['out_disk_gib']:.2f} GiB |")
     return "\n".join(lines)
