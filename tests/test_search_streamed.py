@@ -150,7 +150,8 @@ def test_streamed_search_refuses_what_it_cannot_serve(files, tmp_path):
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
+from vac.core.rss import peak_rss_bytes
 sys.path.insert(0, {tests!r})
 from vac.data.windows import eval_windows, sample_windows
 from vac.search.space import Genome, SearchSetup
@@ -165,7 +166,7 @@ tok = engine.tokenizer
 engine.prepare(sample_windows(tok, setup.calib, 64, 4, seed=0), eval_windows(tok, setup.search_data, 64, 2))
 n = engine.factors.n
 engine.proxy([Genome.default(n), Genome(tuple(range(n)), "vac", 2 / 3, 1.0, "uniform", (0.0,) * 7)])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_bytes() // 1024)  # kB, as ru_maxrss
 """
 
 

@@ -110,7 +110,8 @@ def test_bf16_source_gives_a_bf16_checkpoint(tmp_path):
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
+from vac.core.rss import peak_rss_bytes
 sys.path.insert(0, {tests!r})
 from conftest import tokens
 from vac.config import CompressConfig
@@ -119,7 +120,7 @@ torch.set_num_threads(1)
 cfg = CompressConfig.of(ratio=1.8, rank_step=64, rank_floor=64, fisher_windows=2, calib_windows=4, seq_len=64,
                         batch_size=4)
 stream_compress(sys.argv[1], None, cfg, tokens(4, 64), sys.argv[2], progress=False, stats_cache=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_bytes() // 1024)  # kB, as ru_maxrss
 """
 
 
@@ -127,8 +128,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
     """Tiny but wide (each layer 28 MB of fp32 weights and 48 MB of fp64 statistics): holding the 6
     extra layers of an 8-layer model would add about 450 MB to the 2-layer peak; streamed, the two
-    peaks measure 701 and 713 MB alone (docs/scale.md), and up to 160 MB apart inside the full suite
-    (not understood yet), so the bound is half of what holding the layers would cost."""
+    peaks measured 701 and 713 MB alone (docs/scale.md); the bound is half of what holding the layers
+    would cost. The peak is the subprocess's VmHWM (vac.core.rss): its ru_maxrss, read before, began at
+    the pytest process's RSS at the exec, which put the two peaks up to 160 MB apart in the full suite."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     peaks = {}

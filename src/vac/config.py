@@ -7,6 +7,7 @@ strategy file (``vac search``) is a serialized :class:`StrategyConfig`. Every de
 here; each field carries its help text (as PEFT's ``LoraConfig`` fields do), from which the CLI builds
 its options (:mod:`vac.cli.options`). ``None`` strategy fields take the method's defaults (the method
 registry, :mod:`vac.core.methods`); :meth:`StrategyConfig.resolved` returns a new, filled-in object.
+:class:`DistillConfig` holds the hyper-parameters of a recovery run (:mod:`vac.recover.distill`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ REPORT_EVALS = ("austen:eval", "handbook:eval", "gnu:eval")
 # distillation: teacher logits kept per position in a teacher cache; positions per chunk of the loss
 DISTILL_TOP_K = 64
 DISTILL_LOSS_CHUNK = 128
+# distillation data: the share of chat-formatted samples in the mix and the size of the built-in chat set
+DISTILL_CHAT_FRACTION = 0.2
+DISTILL_CHAT_SAMPLES = 512
 
 
 def _opt(default, help: str, **extra) -> Any:
@@ -245,3 +249,60 @@ def _check_type(f, value, where: str) -> None:
             ok = True
     if not ok:
         raise VacError(f"{where}: field '{f.name}' must be {f.type}, got {json.dumps(value)}")
+
+
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of one distillation run (all of them define the run, for resuming)."""
+
+    steps: int = 200  # optimizer steps (upper bound when max_minutes is set)
+    seq_len: int = 256
+    batch_size: int = 8  # global batch: sequences per optimizer step, over all ranks
+    grad_accum: int = 1  # micro-batches per rank per step
+    lr: float = 1e-4  # MLP (base) learning rate
+    attn_lr_mult: float = 10.0  # attention linears train at attn_lr_mult × lr
+    warmup: int = 10  # linear warmup steps, then cosine decay to min_lr_ratio × lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # on linear weights only
+    clip: float = 1.0  # max global gradient norm (0: no clipping)
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KD term; 1 − alpha on the NLL
+    train_norms: bool = False
+    train_embeddings: bool = False  # embeddings and a dense lm_head
+    top_k: int = DISTILL_TOP_K  # only used with a teacher cache
+    seed: int = 0
+    save_every: int = 50
+    max_minutes: float | None = None  # training-time budget (see plan_steps)
+    fsdp: bool = False  # FSDP2 fully_shard per decoder layer, the student's and the teacher's
+    # bfloat16 compute, master weights float32: with fsdp FSDP2's MixedPrecisionPolicy (bf16 parameters
+    # all-gathered, fp32 gradient reduction), otherwise autocast
+    bf16: bool = False
+    grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
+    loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
+    snapshot_every: int = 0  # write the trainable parameters every N steps (run_distill's snapshots folder; 0: never)
+
+    def check(self) -> None:
+        positive = {"steps": self.steps, "seq_len": self.seq_len - 1, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "lr": self.lr, "temperature": self.temperature,
+                    "save_every": self.save_every, "top_k": self.top_k}
+        for name, value in positive.items():
+            if not value > 0:
+                raise VacError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise VacError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.warmup < 0 or self.clip < 0 or self.weight_decay < 0 or self.attn_lr_mult <= 0:
+            raise VacError("--warmup, --clip and --weight-decay must be >= 0 and --attn-lr-mult > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise VacError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.loss_chunk < 0:
+            raise VacError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
+        if self.snapshot_every < 0:
+            raise VacError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
+
+    def defining(self) -> dict:
+        """The fields a resumed run must share with the run it continues."""
+        # the same steps on another layout (ranks × micro-batches, sharding, checkpointing, loss chunks)
+        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint", "grad_accum", "snapshot_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -89,6 +90,25 @@ def weights_bytes(path) -> int:
     """Size on disk of the weight files of a model folder."""
     path = Path(path)
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def write_index(folder: Path) -> None:
+    """``model.safetensors.index.json`` of the ``model-*.safetensors`` shards in ``folder`` (the
+    layer-streamed writers' shards: one per decoder layer and one for the rest), from their headers."""
+    from safetensors import safe_open
+
+    from ..atomic import write_json
+
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    weight_map, total = {}, 0
+    for f in sorted(Path(folder).glob("model-*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                weight_map[k] = f.name
+                t = sf.get_slice(k)
+                total += math.prod(t.get_shape()) * itemsize[t.get_dtype()]
+    write_json(Path(folder) / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                               "weight_map": weight_map})
 
 
 def write_shipped(folder: Path, model) -> None:

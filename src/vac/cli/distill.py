@@ -15,7 +15,15 @@ from typing import Optional
 import typer
 
 from ..atomic import check_output
-from ..config import DEFAULT_CALIB, DEFAULT_EVAL, DISTILL_LOSS_CHUNK, DISTILL_TOP_K
+from ..config import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    DISTILL_CHAT_FRACTION,
+    DISTILL_CHAT_SAMPLES,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+)
 from ..errors import VacError
 from .app import app, err, friendly, out
 
@@ -28,48 +36,48 @@ def distill(
                                           "[default: the model named in the student's report.json]"),
     data: str = typer.Option(DEFAULT_CALIB, help="training text source (never the evaluation split)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="checkpoint folder to write (rerun to resume)"),
-    steps: int = typer.Option(200, help="optimizer steps (upper bound with --max-minutes)"),
-    seq_len: int = typer.Option(256, help="training window length in tokens"),
-    batch_size: int = typer.Option(8, help="global batch in sequences per optimizer step (all processes)"),
-    grad_accum: int = typer.Option(1, help="micro-batches per process per step"),
-    lr: float = typer.Option(1e-4, help="learning rate of the MLP linears (base lr)"),
-    attn_lr_mult: float = typer.Option(10.0, help="attention linears train at this multiple of --lr"),
-    warmup: int = typer.Option(10, help="linear warmup steps before the cosine decay"),
-    min_lr_ratio: float = typer.Option(0.1, help="final lr of the cosine as a fraction of the peak"),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay on linear weights"),
-    clip: float = typer.Option(1.0, help="max global gradient norm (0: off)"),
-    temperature: float = typer.Option(1.0, "--temperature", "-T", help="distillation temperature T"),
-    alpha: float = typer.Option(0.5, help="loss = alpha*T^2*KL + (1-alpha)*NLL (per-token means)"),
-    chat_fraction: float = typer.Option(0.2, help="fraction of chat-formatted samples in the mix"),
+    steps: int = typer.Option(DistillConfig.steps, help="optimizer steps (upper bound with --max-minutes)"),
+    seq_len: int = typer.Option(DistillConfig.seq_len, help="training window length in tokens"),
+    batch_size: int = typer.Option(DistillConfig.batch_size, help="global batch in sequences per optimizer step (all processes)"),
+    grad_accum: int = typer.Option(DistillConfig.grad_accum, help="micro-batches per process per step"),
+    lr: float = typer.Option(DistillConfig.lr, help="learning rate of the MLP linears (base lr)"),
+    attn_lr_mult: float = typer.Option(DistillConfig.attn_lr_mult, help="attention linears train at this multiple of --lr"),
+    warmup: int = typer.Option(DistillConfig.warmup, help="linear warmup steps before the cosine decay"),
+    min_lr_ratio: float = typer.Option(DistillConfig.min_lr_ratio, help="final lr of the cosine as a fraction of the peak"),
+    weight_decay: float = typer.Option(DistillConfig.weight_decay, help="AdamW weight decay on linear weights"),
+    clip: float = typer.Option(DistillConfig.clip, help="max global gradient norm (0: off)"),
+    temperature: float = typer.Option(DistillConfig.temperature, "--temperature", "-T", help="distillation temperature T"),
+    alpha: float = typer.Option(DistillConfig.alpha, help="loss = alpha*T^2*KL + (1-alpha)*NLL (per-token means)"),
+    chat_fraction: float = typer.Option(DISTILL_CHAT_FRACTION, help="fraction of chat-formatted samples in the mix"),
     chat_data: Optional[Path] = typer.Option(None, help='jsonl of {"messages": [...]} [default: built from --data]'),
-    chat_samples: int = typer.Option(512, help="size of the built-in chat set"),
-    train_norms: bool = typer.Option(False, "--train-norms/--freeze-norms", help="train the norm weights"),
-    train_embeddings: bool = typer.Option(False, "--train-embeddings/--freeze-embeddings",
+    chat_samples: int = typer.Option(DISTILL_CHAT_SAMPLES, help="size of the built-in chat set"),
+    train_norms: bool = typer.Option(DistillConfig.train_norms, "--train-norms/--freeze-norms", help="train the norm weights"),
+    train_embeddings: bool = typer.Option(DistillConfig.train_embeddings, "--train-embeddings/--freeze-embeddings",
                                           help="train the embeddings and a dense lm_head"),
     teacher_cache: Optional[Path] = typer.Option(None, help="folder of cached top-k teacher logits "
                                                  "(KL on the renormalized top-k support)"),
-    top_k: int = typer.Option(DISTILL_TOP_K, help="teacher logits kept per position in --teacher-cache"),
+    top_k: int = typer.Option(DistillConfig.top_k, help="teacher logits kept per position in --teacher-cache"),
     cache_teacher_only: bool = typer.Option(False, "--cache-teacher-only", help="only run the teacher over the "
                                             "batches of this run and write --teacher-cache, then exit"),
-    save_every: int = typer.Option(50, help="save a resumable state every N steps"),
-    snapshot_every: int = typer.Option(0, help="write the trainable parameters every N steps to --snapshots "
+    save_every: int = typer.Option(DistillConfig.save_every, help="save a resumable state every N steps"),
+    snapshot_every: int = typer.Option(DistillConfig.snapshot_every, help="write the trainable parameters every N steps to --snapshots "
                                        "(quality over the run, scored afterwards; 0: never)"),
     snapshots: Optional[Path] = typer.Option(None, help="folder of the --snapshot-every files (outside --out)"),
-    max_minutes: Optional[float] = typer.Option(None, help="training time budget; the schedule is fitted "
-                                                "to it after 5 steps"),
-    fsdp: bool = typer.Option(False, help="shard the student and the teacher with FSDP2 (each decoder layer, then "
+    max_minutes: Optional[float] = typer.Option(DistillConfig.max_minutes, help="training time budget; the schedule is fitted to "
+                                                "it from steps 2-6 of the run"),
+    fsdp: bool = typer.Option(DistillConfig.fsdp, help="shard the student and the teacher with FSDP2 (each decoder layer, then "
                               "the root); torchrun only"),
-    bf16: bool = typer.Option(False, help="bfloat16 compute, fp32 master weights (with --fsdp: FSDP2's "
+    bf16: bool = typer.Option(DistillConfig.bf16, help="bfloat16 compute, fp32 master weights (with --fsdp: FSDP2's "
                               "MixedPrecisionPolicy, fp32 gradient reduction; otherwise autocast); GPUs"),
-    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="recompute each decoder layer in the "
+    grad_checkpoint: bool = typer.Option(DistillConfig.grad_checkpoint, "--grad-checkpoint", help="recompute each decoder layer in the "
                                          "backward (activation checkpointing): less memory, ~1/3 more compute"),
-    loss_chunk: int = typer.Option(DISTILL_LOSS_CHUNK, help="positions per chunk of the KL/NLL, each "
+    loss_chunk: int = typer.Option(DistillConfig.loss_chunk, help="positions per chunk of the KL/NLL, each "
                                    "checkpointed (0: the whole sequence at once; memory, not results)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
-    seed: int = typer.Option(0, help="data order seed"),
+    seed: int = typer.Option(DistillConfig.seed, help="data order seed"),
     eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text for PPL before/after ('' to skip)"),
-    eval_seq_len: int = typer.Option(512, help="evaluation window length"),
-    eval_windows: int = typer.Option(40, help="evaluation windows"),
+    eval_seq_len: int = typer.Option(DataConfig.seq_len, help="evaluation window length"),
+    eval_windows: int = typer.Option(EvalConfig.windows, help="evaluation windows"),
     overwrite: bool = typer.Option(False, help="start over even if --out holds a run"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the memory per rank of this run on 1, 2, 4 and 8 "
                                  "processes (from the configurations, nothing loaded) and exit"),
@@ -83,7 +91,6 @@ def distill(
     from ..models.zoo import hub_snapshot, load_model, resolve_model
     from ..recover.data import build_mix, check_no_overlap
     from ..recover.distill import (
-        DistillConfig,
         copy_reports,
         fill_teacher_cache,
         init_distributed,

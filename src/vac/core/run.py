@@ -6,7 +6,6 @@ benchmarks and users call :func:`compress_model` (or the in-memory :func:`vac.co
 from __future__ import annotations
 
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -17,12 +16,13 @@ from ..config import CompressConfig, EvalConfig
 from ..errors import VacError
 from ..faults import stage
 from .driver import Result, check_budget
+from .rss import peak_rss_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def in_memory_compress(model, tokenizer, config: CompressConfig, *, calibration=None, source: str | None = None,

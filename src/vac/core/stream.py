@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -686,7 +685,6 @@ def _load_stored(layers: Layers, i: int, shard: Path) -> None:
 
 def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: Path) -> None:
     """The rest of the checkpoint in the work folder: non-layer tensors, index, config, code, tokenizer."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .. import checkpoint
@@ -698,14 +696,7 @@ def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: P
     rest = {k: t.to(dtype).contiguous() for k, t in reader.get_many([k for k in reader.names()
                                                                    if not k.startswith(prefix)]).items()}
     atomic_write(work / "model-rest.safetensors", lambda tmp: save_file(rest, str(tmp), metadata={"format": "pt"}))
-    weight_map, total = {}, 0
-    for f in sorted(work.glob("model-*.safetensors")):
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                weight_map[k] = f.name
-                t = sf.get_slice(k)
-                total += math.prod(t.get_shape()) * _itemsize(t.get_dtype())
-    write_json(work / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    checkpoint.write_index(work)
     config_class, _ = checkpoint.vac_classes(model)
     base = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "auto_map", "vac_ranks")}
     config = config_class(**base, vac_ranks=ranks)
@@ -717,10 +708,6 @@ def _assemble(model, reader: ShardReader, tokenizer, ranks: dict, dtype, work: P
         shutil.copy2(reader.folder / "generation_config.json", work / "generation_config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(work)
-
-
-def _itemsize(name: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[name]
 
 
 def window_nll(stream: LayerStream, hidden: list[torch.Tensor], windows: list[torch.Tensor]) -> tuple[float, int]:

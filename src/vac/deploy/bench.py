@@ -39,28 +39,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import weights_bytes
+from ..core.rss import peak_rss_bytes, rss_bytes
 from ..errors import VacError
 from .decode import fast_decode_
-
-
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_rss_bytes() -> int:
-    """High-water RSS of this process. ``VmHWM`` rather than ``ru_maxrss``: after a fork+exec the
-    latter starts from the *parent's* RSS, which would hide a subprocess's own peak."""
-    try:
-        return _proc_status_kb("VmHWM") * 1024
-    except (OSError, KeyError):  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 _LOAD_PROBE = r"""
 import collections, gc, json, logging, os, sys, time
@@ -204,13 +185,6 @@ def param_count(model) -> int:
     return total
 
 
-def _rss_bytes() -> int:
-    try:
-        return _proc_status_kb("VmRSS") * 1024
-    except (OSError, KeyError):
-        return 0
-
-
 def _touch(t: torch.Tensor) -> None:
     if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
         for name in t.__tensor_flatten__()[0]:
@@ -342,7 +316,7 @@ def bench(
     models, results, probes = {}, {}, {}
     for name, (source, fast) in plan.items():
         log(f"loading {name}: {source}")
-        before = _rss_bytes()
+        before = rss_bytes()
         if name == "dense":
             model, _ = load_model(baseline)
         else:
@@ -350,7 +324,7 @@ def bench(
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 _touch(t.data if type(t) is nn.Parameter else t)
-        resident = _rss_bytes() - before
+        resident = rss_bytes() - before
         folder = Path(source) if Path(source).is_dir() else None
         results[name] = {
             "source": source,

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.rss import peak_rss_bytes
 from ..errors import VacError
 from .bench import (
     DECODE_PROMPT,
     greedy_generate,
-    peak_rss_bytes,
     prefill_cost,
     resolve_baseline,
     time_generation,

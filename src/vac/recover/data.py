@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import DISTILL_CHAT_FRACTION, DISTILL_CHAT_SAMPLES
 from ..errors import VacError
 
 
@@ -111,7 +112,7 @@ def _title(label: str) -> str:
     return "the supplied text"
 
 
-def builtin_chat(docs: list[tuple[str, str]], n: int = 512) -> list[list[dict]]:
+def builtin_chat(docs: list[tuple[str, str]], n: int = DISTILL_CHAT_SAMPLES) -> list[list[dict]]:
     """``n`` chat conversations derived deterministically from ``docs`` (label, text).
 
     Each takes four consecutive sentences of a document: the user asks to continue the first two,
@@ -187,8 +188,8 @@ def check_no_overlap(train: str, evaluation: str | None) -> None:
     check_disjoint([("training", train, "evaluation", evaluation, "--data", " (e.g. a :calib split)")])
 
 
-def build_mix(tokenizer, data: str, seq_len: int, chat_fraction: float = 0.2, chat_data: str | None = None,
-              chat_samples: int = 512, seed: int = 0) -> DataMix:
+def build_mix(tokenizer, data: str, seq_len: int, chat_fraction: float = DISTILL_CHAT_FRACTION,
+              chat_data: str | None = None, chat_samples: int = DISTILL_CHAT_SAMPLES, seed: int = 0) -> DataMix:
     """The CLI's data: windows of ``data`` plus chat samples (from ``chat_data`` jsonl or built from ``data``)."""
     from ..data.specs import read_source
 

@@ -68,71 +68,11 @@ from torch import nn
 from ..atomic import atomic_write, write_json
 from ..cache import load_entry
 from ..checkpoint.hf.modeling_vac import LowRankLinear
-from ..config import DISTILL_LOSS_CHUNK, DISTILL_TOP_K
+from ..config import DistillConfig
 from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
 from .data import DataMix
-
-# ============================================================================ configuration
-
-
-@dataclass
-class DistillConfig:
-    """Hyper-parameters of one distillation run (all of them define the run, for resuming)."""
-
-    steps: int = 200  # optimizer steps (upper bound when max_minutes is set)
-    seq_len: int = 256
-    batch_size: int = 8  # global batch: sequences per optimizer step, over all ranks
-    grad_accum: int = 1  # micro-batches per rank per step
-    lr: float = 1e-4  # MLP (base) learning rate
-    attn_lr_mult: float = 10.0  # attention linears train at attn_lr_mult × lr
-    warmup: int = 10  # linear warmup steps, then cosine decay to min_lr_ratio × lr
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0  # on linear weights only
-    clip: float = 1.0  # max global gradient norm (0: no clipping)
-    temperature: float = 1.0
-    alpha: float = 0.5  # weight of the KD term; 1 − alpha on the NLL
-    train_norms: bool = False
-    train_embeddings: bool = False  # embeddings and a dense lm_head
-    top_k: int = DISTILL_TOP_K  # only used with a teacher cache
-    seed: int = 0
-    save_every: int = 50
-    max_minutes: float | None = None  # training-time budget (see plan_steps)
-    fsdp: bool = False  # FSDP2 fully_shard per decoder layer, the student's and the teacher's
-    # bfloat16 compute, master weights float32: with fsdp FSDP2's MixedPrecisionPolicy (bf16 parameters
-    # all-gathered, fp32 gradient reduction), otherwise autocast
-    bf16: bool = False
-    grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
-    loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
-    snapshot_every: int = 0  # write the trainable parameters every N steps (run_distill's snapshots folder; 0: never)
-
-    def check(self) -> None:
-        positive = {"steps": self.steps, "seq_len": self.seq_len - 1, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "lr": self.lr, "temperature": self.temperature,
-                    "save_every": self.save_every, "top_k": self.top_k}
-        for name, value in positive.items():
-            if not value > 0:
-                raise VacError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise VacError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.warmup < 0 or self.clip < 0 or self.weight_decay < 0 or self.attn_lr_mult <= 0:
-            raise VacError("--warmup, --clip and --weight-decay must be >= 0 and --attn-lr-mult > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise VacError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
-        if self.loss_chunk < 0:
-            raise VacError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
-        if self.snapshot_every < 0:
-            raise VacError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
-
-    def defining(self) -> dict:
-        """The fields a resumed run must share with the run it continues."""
-        # the same steps on another layout (ranks × micro-batches, sharding, checkpointing, loss chunks)
-        skip = {"save_every", "max_minutes", "fsdp", "loss_chunk", "grad_checkpoint", "grad_accum", "snapshot_every"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
-
 
 # ============================================================================ loss
 
@@ -633,7 +573,7 @@ def run_distill(
 
     bar = tqdm(total=plan["steps"], initial=step, desc="distill", unit="step", disable=not (progress and env.main),
                dynamic_ncols=True)
-    run_started, run_steps = time.perf_counter(), 0
+    run_steps, first_step_done = 0, 0.0
     while step < plan["steps"]:
         t0 = time.perf_counter()
         ids, mask = mix.batch(step * cfg.batch_size, cfg.batch_size)
@@ -676,8 +616,10 @@ def run_distill(
             "grad_norm": grad_norm, "tokens": tokens, "seconds": round(seconds, 3),
         }
         history.append(record)
-        if not plan["fixed"] and run_steps >= min(5, plan["steps"]):
-            plan["steps"] = env.agree(_planned_steps(cfg, step, seconds, run_started, run_steps))
+        if run_steps == 1:
+            first_step_done = seconds  # the first step of a process is slower (allocations, DDP buckets)
+        if not plan["fixed"] and run_steps >= min(PLAN_AFTER, plan["steps"]):
+            plan["steps"] = env.agree(_planned_steps(cfg, step, seconds, first_step_done, run_steps))
             plan["fixed"] = True
             bar.total = plan["steps"]
             bar.refresh()
@@ -808,9 +750,13 @@ def _check_same_run(state: dict, cfg: DistillConfig, run_info: dict, out: Path) 
                            "rerun the same command to resume it, or pass --overwrite to start over")
 
 
-def _planned_steps(cfg: DistillConfig, step: int, seconds: float, started: float, run_steps: int) -> int:
-    """Fix the schedule length so the training fits ``max_minutes`` at the speed measured so far."""
-    per_step = (time.perf_counter() - started) / max(run_steps, 1)
+PLAN_AFTER = 6  # steps of a run timed before its schedule is fitted to --max-minutes (the first one left out)
+
+
+def _planned_steps(cfg: DistillConfig, step: int, seconds: float, first_step_done: float, run_steps: int) -> int:
+    """Fix the schedule length so the training fits ``max_minutes`` at the speed of this run's steps
+    after its first (``seconds``: training time so far, ``first_step_done``: at the end of its first step)."""
+    per_step = (seconds - first_step_done) / (run_steps - 1) if run_steps > 1 else seconds
     remaining = cfg.max_minutes * 60 - seconds  # type: ignore[operator]
     return int(min(cfg.steps, max(step, step + remaining // max(per_step, 1e-9))))
 

@@ -75,7 +75,6 @@ def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dt
     ``dtype`` (default: fp32) and writes the layer's own shard file. Rank 0 holds one layer's tensors,
     never the whole model (gathering the full state dict held it twice at 7B: 2 × 16.5 GiB)."""
     import copy
-    import math
     import shutil
     import tempfile
 
@@ -84,7 +83,7 @@ def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dt
     from torch.distributed.tensor import DTensor
 
     from .. import checkpoint
-    from ..atomic import ordinary_permissions, replace_dir, write_json
+    from ..atomic import ordinary_permissions, replace_dir
     from ..models.families import arch_for
 
     out, dtype = Path(out), dtype or torch.float32
@@ -103,7 +102,6 @@ def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dt
     if env.main:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    weight_map, total = {}, 0
     try:
         for group, params in groups.items():
             tensors = {}
@@ -115,12 +113,9 @@ def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dt
             if env.main:
                 file = f"model-{group}.safetensors"
                 save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update({name: file for name in tensors})
-                total += sum(math.prod(t.shape) * t.element_size() for t in tensors.values())
             del tensors
         if env.main:
-            write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                              "weight_map": weight_map})
+            checkpoint.write_index(tmp)
             config = copy.deepcopy(model.config)
             config.dtype = dtype
             config.save_pretrained(tmp)
