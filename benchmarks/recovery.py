@@ -42,6 +42,7 @@ def run(cmd: list[str]) -> None:
 
 def main(argv=None):
     from vac.cache import cache_dir
+    from vac.config import REPORT_EVALS, DataConfig, EvalConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="dense teacher (and model to compress)")
@@ -52,8 +53,8 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=100_000, help="upper bound on the steps")
     ap.add_argument("--eval", nargs="+", default=None, help="held-out texts, reporting only [REPORT_EVALS]; "
                     "the first is the one the distillation reports before/after and the curve uses")
-    ap.add_argument("--eval-windows", type=int, default=40)
-    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=EvalConfig.windows)
+    ap.add_argument("--eval-seq-len", type=int, default=DataConfig.seq_len)
     ap.add_argument("--work", type=Path, default=None, help="folder of the checkpoints [~/.cache/vac/bench/recovery]")
     ap.add_argument("--results", type=Path, default=RESULTS / "recovery.json")
     ap.add_argument("--nproc", type=int, default=2, help="distillation processes (torchrun, DDP on gloo)")
@@ -61,8 +62,6 @@ def main(argv=None):
     ap.add_argument("--snapshot-every", type=int, default=25, help="steps between the curve's snapshots (0: none)")
     ap.add_argument("--no-chat", action="store_true", help="skip the chat-fidelity scores")
     args, distill_args = ap.parse_known_args(argv)
-    from vac.config import REPORT_EVALS
-
     args.eval = args.eval or list(REPORT_EVALS)
     work = args.work or cache_dir() / "bench" / "recovery"
     py = sys.executable
@@ -150,11 +149,11 @@ def score_all(args, student: Path, distilled: Path, snapshots: Path, report: dic
 
     out = {"dense": scores(dense)}
     del dense
-    out["compressed"] = scores(checkpoint.load(student)[0])
     out["recovered"] = scores(checkpoint.load(distilled)[0])
+    net = checkpoint.load(student)[0]  # scored as it is, then carrying each snapshot's parameters
+    out["compressed"] = scores(net)
     seconds = {h["step"]: h["seconds"] for h in report["loss_curve"]}
     curve = [{"step": 0, "minutes": 0.0, "ppl": out["compressed"]["ppl"][args.eval[0]]}]
-    net = checkpoint.load(student)[0]
     for path in sorted(snapshots.glob("step-*.safetensors")) if snapshots.is_dir() else []:
         step = load_snapshot(net, path)
         if step in seconds:

@@ -322,7 +322,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_snapshots_hold_the_trained_parameters_at_their_step(tmp_path):
     """Every snapshot_every steps the trainable parameters go to the snapshots folder (outside --out);
-    the last one loaded into the starting student gives the saved result; the resumed state agrees."""
+    the last one loaded into the starting student gives the saved result, the first one does not."""
     teacher, held = tiny_llama(seed=0), tokens(2, SEQ, seed=9)
     with pytest.raises(VacError, match="--snapshots"):
         run_distill(student_of(), teacher, mix_of(), config(snapshot_every=2), tmp_path / "a", progress=False)

@@ -709,11 +709,12 @@ def _snapshot(student: nn.Module, folder: Path, step: int, env: Dist) -> None:
     """The trainable parameters after ``step``, fp32, one safetensors file written atomically by rank 0
     (FSDP2: each parameter gathered by every rank, one at a time)."""
     from safetensors.torch import save
+    from torch.distributed.tensor import DTensor
 
     tensors = {}
     for name, p in student.named_parameters():
         if p.requires_grad:
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank calls it
             if env.main:
                 tensors[name] = full.detach().float().cpu().contiguous()
     if env.main:

@@ -15,9 +15,9 @@ on a Llama layer); attention is assumed memory-efficient (no seq² term), as
 SDPA's flash and memory-efficient kernels on GPUs are. Estimates: allocator slack and the CUDA context
 (≈ 0.5–1 GB) come on top. Terms: ``weights`` (student, fp32), ``gathered`` (FSDP2's unsharded layers
 and root), ``grads``, ``adam``, ``teacher``, ``activations``, ``logits`` (and the loss), ``peak`` (their
-sum, except that without gradient checkpointing or accumulation the gradients and the saved activations
-are not both at their full size: the backward frees the one as it builds the other). Checked against the measured peak
-in tests/test_distill.py.
+sum, except that without gradient checkpointing or accumulation the gradients and the saved
+activations are not both at their full size: the backward frees the one as it builds the other).
+Checked against the measured peak in tests/test_distill.py.
 """
 
 from __future__ import annotations
