@@ -540,12 +540,14 @@ from vac.core.rss import peak_rss_bytes
 from vac.recover.distill import DistillConfig, init_distributed, shard_model
 from vac.recover.sharded import load_sharded
 env = init_distributed("cpu")
+# what both paths import, imported before the measurement: only tensors count in what grows
+import accelerate, transformers.models.llama.modeling_llama, torch.distributed.checkpoint.state_dict
+from vac import checkpoint
 before = peak_rss_bytes()
 if sys.argv[2] == "sharded":
     model = load_sharded(sys.argv[1], lambda m: shard_model(m, DistillConfig(fsdp=True)), env.device)
     local = sum(p.to_local().numel() for p in model.parameters()) * 4
 else:  # the path without meta construction: the whole model loaded on every rank, then sharded
-    from vac import checkpoint
     model, _ = checkpoint.load(sys.argv[1])
     model = shard_model(model, DistillConfig(fsdp=True))
     local = sum(p.to_local().numel() for p in model.parameters()) * 4
@@ -557,7 +559,8 @@ with open(f"{sys.argv[3]}/rank{env.rank}.json", "w") as f:  # one file per rank:
 
 @pytest.mark.slow  # two launches of two processes with a 0.5 GB model
 def test_meta_construction_never_holds_the_whole_model_per_rank(tmp_path):
-    """Each rank's peak grows by its half of the weights (plus one tensor), not by the whole model."""
+    """Each rank's peak grows by its half of the weights (plus the pages of one shard being read), not by
+    the whole model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
@@ -577,9 +580,13 @@ def test_meta_construction_never_holds_the_whole_model_per_rank(tmp_path):
         rows = [json.loads(f.read_text()) for f in sorted((tmp_path / how).glob("rank*.json"))]
         assert len(rows) == 2
         grown[how] = rows
+    largest = max(p.numel() for p in LlamaForCausalLM(config).parameters()) * 4
     for row in grown["sharded"]:
         assert row["local"] == pytest.approx(whole / 2, rel=0.01)  # each rank holds half of the weights
-        assert row["grown"] < 0.6 * whole, (row, whole)  # its half and one tensor at a time, not the model
+        # its half, plus the mapped file pages of the shard being read (at most half of the largest tensor)
+        # and 16 MiB for the module objects and FSDP2's state (10 MiB measured with no file read at all);
+        # reading each full tensor (DCP's full_state_dict load) added about 3.7 largest tensors instead
+        assert row["grown"] - row["local"] < largest / 2 + 16 * 2**20, (row, largest)
     for row in grown["whole"]:
         assert row["grown"] > 0.95 * whole, (row, whole)  # what loading the whole model on every rank costs
 

@@ -103,6 +103,15 @@ class ShardReader:
                     out[name] = f.get_tensor(name).clone()
         return out
 
+    def copy_rows(self, name: str, start: int, into: torch.Tensor) -> None:
+        """Copy rows ``start:start + len(into)`` of a tensor (dim 0) into ``into`` (any dtype, any
+        device), straight from the mapped file (safetensors' ``get_slice``): a rank's shard of a tensor
+        read at the memory of that shard's pages, without the rest of the tensor or a host copy."""
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.weight_map[name], framework="pt") as f:
+            into.copy_(f.get_slice(name)[start:start + into.shape[0]])
+
     def shape(self, name: str) -> tuple[int, ...]:
         from safetensors import safe_open
 

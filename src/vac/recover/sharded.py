@@ -5,12 +5,15 @@ Loading a 7B student (17.7 GB in fp32) and teacher (29 GB) whole on every rank b
 Here the model is built with empty weights (accelerate's ``init_empty_weights``: buffers such as the
 rotary frequencies stay real), sharded (``fully_shard`` per decoder layer, then the root, with the
 run's MixedPrecisionPolicy), materialized empty on the rank's device (``to_empty``), and then filled
-one tensor at a time from the memory-mapped safetensors shards: each rank reads a full tensor and
-keeps its own shard (``torch.distributed.checkpoint.state_dict.set_model_state_dict`` with
-``full_state_dict=True``). Peak memory per rank: its shards plus one full tensor.
+one parameter at a time: each rank reads from the safetensors files only the rows of its own shard
+(``get_slice``; FSDP2 shards dim 0 in ``torch.chunk`` pieces). Peak memory per rank: its shards plus
+one shard of one tensor.
 
-torchtitan and accelerate broadcast rank 0's full state dict instead (``broadcast_from_rank0``), which
-needs the whole model in rank 0's host memory; reading the shards' files on every rank does not.
+Considered: ``torch.distributed.checkpoint.state_dict.set_model_state_dict(full_state_dict=True)``,
+which takes each full tensor on every rank and keeps its shard: the full tensor, its copies and the
+chunk were about 3.7 full tensors at a time per rank (7B: the 1.6 GB fp32 embedding ≈ 6 GB transient
+on each GPU). torchtitan and accelerate broadcast rank 0's full state dict (``broadcast_from_rank0``),
+which needs the whole model in rank 0's host memory.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
     in ``dtype`` (fp32: master weights; a frozen teacher may be bf16); ``frozen``: every parameter
     without gradient (a teacher)."""
     from accelerate import init_empty_weights
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..core.stream import ShardReader, bounded_heap, trim_heap
+    from ..core.stream import ShardReader
     from ..models.families import arch_for
 
-    bounded_heap()  # the full tensors read one by one come from mappings that are returned when freed
     folder = Path(folder)
     reader = ShardReader(folder)
     config = AutoConfig.from_pretrained(folder)
@@ -53,19 +55,37 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     model = shard(model)
     model.to_empty(device=device)
+    embed = f"{arch_for(model).embed}.weight"
     with torch.no_grad():
         for n, b in model.named_buffers():  # to_empty left them uninitialized
             if n in buffers:
                 b.copy_(buffers[n].to(device))
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    embed = f"{arch_for(model).embed}.weight"
-    # fully_shard gives a tied head a sharded parameter of its own (as on the path that loads the whole
-    # model first): it is loaded from the embedding's tensor
-    for name, _ in model.named_parameters():  # one full tensor in memory at a time; each rank keeps its shard
-        source = embed if tied and name == "lm_head.weight" and name not in present else name
-        set_model_state_dict(model, {name: reader.get(source).to(device, dtype)}, options=options)
-        trim_heap()  # the full tensor's memory goes back now, not when the heap's trim threshold is reached
+        # fully_shard gives a tied head a sharded parameter of its own (as on the path that loads the whole
+        # model first): it is loaded from the embedding's tensor
+        for name, p in model.named_parameters():
+            source = embed if tied and name == "lm_head.weight" and name not in present else name
+            local = p.to_local() if isinstance(p, DTensor) else p
+            start = _shard_start(p) if isinstance(p, DTensor) else 0
+            if local.numel():
+                reader.copy_rows(source, start, local)
     return model.eval()
+
+
+def _shard_start(p) -> int:
+    """The first row of this rank's shard of a DTensor sharded on dim 0 (FSDP2's ``Shard(0)``), which
+    holds ``torch.chunk``'s piece: ceil(rows / ranks) rows per rank, the last ranks fewer or none."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    start, rows = 0, p.shape[0]
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not (isinstance(placement, Shard) and placement.dim == 0):
+            raise VacError(f"cannot load a parameter placed as {p.placements}: only dim-0 shards are read")
+        ranks, rank = p.device_mesh.size(dim), p.device_mesh.get_local_rank(dim)
+        rows = -(-rows // ranks)  # torch.chunk's piece size at this mesh dimension
+        start += rank * rows
+    return start
 
 
 def save_sharded(model: nn.Module, tokenizer, out: str | os.PathLike, env, *, dtype: torch.dtype | None = None,
