@@ -84,8 +84,10 @@ def run(source: Path, out: Path, calib: Path, mode: str, extra: list[str] = ()) 
         report = json.loads((out / "report.json").read_text())
         row |= {"seconds": report["seconds"], "ratio_reached": report["ratio_reached"],
                 "out_disk_gib": sum(f.stat().st_size for f in out.iterdir()) / 2**30}
-    else:
-        row["error"] = proc.stderr.strip().splitlines()[-1:]
+    else:  # the command's last line, or the signal that ended it (printed by /usr/bin/time before its report)
+        own, _, report = proc.stderr.partition("\tCommand being timed:")
+        signal = re.search(r"Command terminated by signal (\d+)", own)
+        row["error"] = [f"terminated by signal {signal.group(1)}"] if signal else own.strip().splitlines()[-1:]
     return row
 
 
@@ -111,11 +113,15 @@ def table(doc: dict) -> str:
     lines = ["| layers | mode | peak RSS | memory model | target | wall | statistics + curves | factorization / layer | source → output on disk |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(doc["runs"].values(), key=lambda r: (r["layers"], r["mode"])):
-        if row.get("returncode") != 0:
-            lines.append(f"| {row['layers']} | {row['mode']} | failed: {row.get('error')} | | | | | | |")
+        if row.get("returncode") != 0:  # e.g. the kernel's OOM killer: /usr/bin/time still gives the peak
+            peak = f"killed at {row['peak_rss_gib']:.2f} GiB" if row.get("peak_rss_gib") else "failed"
+            wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") else "-"
+            lines.append(f"| {row['layers']} | {row['mode']} | {peak}: {' '.join(row.get('error') or [])} | - | - | "
+                         f"{wall} | - | - | {row['source_disk_gib']:.2f} → - |")
             continue
-        target = f"{row['plan']['target_gib']:.2f} GiB" if "plan" in row else "-"
-        model = f"{max(row['plan']['stages_gib'].values()):.2f} GiB" if "plan" in row else "-"
+        streamed = "plan" in row and row["mode"] == "streamed"  # the memory model and target are the streamed path's
+        target = f"{row['plan']['target_gib']:.2f} GiB" if streamed else "-"
+        model = f"{max(row['plan']['stages_gib'].values()):.2f} GiB" if streamed else "-"
         wall = f"{row['wall_s'] / 60:.1f} min" if row.get("wall_s") else "resumed"
         seconds = row["seconds"]
         stats = f"{(seconds['statistics'] + seconds['allocation']) / 60:.1f} min" if "statistics" in seconds else "-"
