@@ -85,7 +85,7 @@ def run(source: Path, out: Path, calib: Path, mode: str, extra: list[str] = ()) 
         row |= {"seconds": report["seconds"], "ratio_reached": report["ratio_reached"],
                 "out_disk_gib": sum(f.stat().st_size for f in out.iterdir()) / 2**30}
     else:  # the command's last line, or the signal that ended it (printed by /usr/bin/time before its report)
-        own, _, report = proc.stderr.partition("\tCommand being timed:")
+        own = proc.stderr.partition("\tCommand being timed:")[0]
         signal = re.search(r"Command terminated by signal (\d+)", own)
         row["error"] = [f"terminated by signal {signal.group(1)}"] if signal else own.strip().splitlines()[-1:]
     return row

@@ -64,8 +64,7 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
         # model first): it is loaded from the embedding's tensor
         for name, p in model.named_parameters():
             source = embed if tied and name == "lm_head.weight" and name not in present else name
-            local = p.to_local() if isinstance(p, DTensor) else p
-            start = _shard_start(p) if isinstance(p, DTensor) else 0
+            local, start = (p.to_local(), _shard_start(p)) if isinstance(p, DTensor) else (p, 0)
             if local.numel():
                 reader.copy_rows(source, start, local)
     return model.eval()
@@ -73,7 +72,8 @@ def load_sharded(folder: str | os.PathLike, shard, device, *, frozen: bool = Fal
 
 def _shard_start(p) -> int:
     """The first row of this rank's shard of a DTensor sharded on dim 0 (FSDP2's ``Shard(0)``), which
-    holds ``torch.chunk``'s piece: ceil(rows / ranks) rows per rank, the last ranks fewer or none."""
+    holds ``torch.chunk``'s piece: ceil(rows / ranks) rows per rank, the last ranks fewer or none.
+    (torch computes this in ``torch.distributed.tensor._utils``, a private module.)"""
     from torch.distributed.tensor import Replicate, Shard
 
     start, rows = 0, p.shape[0]
