@@ -263,6 +263,23 @@ def cli(args: list[str], home: Path, kill_at: str | None = None) -> subprocess.C
                           timeout=600)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``reference(name, args)``: the folder of one uninterrupted run of ``args(out)``, run once per
+    command for all the kill points of its test."""
+    done: dict[str, Path] = {}
+
+    def run(name: str, args) -> Path:
+        if name not in done:
+            root = tmp_path_factory.mktemp(f"ref-{name}")
+            ref = cli(args(root / "ref"), root / "home")
+            assert ref.returncode == 0, ref.stderr[-2000:]
+            done[name] = root / "ref"
+        return done[name]
+
+    return run
+
+
 def same_weights(a: Path, b: Path) -> None:
     wa, wb = folder_weights(a), folder_weights(b)
     assert wa.keys() == wb.keys()
@@ -272,10 +289,9 @@ def same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.slow  # six Python processes that import torch
 @pytest.mark.parametrize("point", ["statistics", "sequential:2", "save"])
-def test_compress_killed_then_rerun_equals_an_uninterrupted_run(inputs, tmp_path, point):
+def test_compress_killed_then_rerun_equals_an_uninterrupted_run(inputs, reference, tmp_path, point):
     args = lambda out: build(["compress", "{root}/tiny"], inputs, out)  # noqa: E731
-    ref = cli(args(tmp_path / "ref"), tmp_path / "home-ref")
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref = reference("compress", args)
     home = tmp_path / "home"
     killed = cli(args(tmp_path / "out"), home, kill_at=point)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -283,47 +299,45 @@ def test_compress_killed_then_rerun_equals_an_uninterrupted_run(inputs, tmp_path
     again = cli(args(tmp_path / "out"), home)
     assert again.returncode == 0, again.stderr[-2000:]
     assert not list(tmp_path.glob(".out.*"))  # the killed run's temp folder was removed
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    ppl = [json.loads((tmp_path / d / "report.json").read_text())["ppl_after"]["ppl"] for d in ("ref", "out")]
+    same_weights(ref, tmp_path / "out")
+    ppl = [json.loads((d / "report.json").read_text())["ppl_after"]["ppl"] for d in (ref, tmp_path / "out")]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["statistics", "search-generation:1", "search-generation:2"])
-def test_search_killed_then_rerun_equals_an_uninterrupted_run(inputs, tmp_path, point):
+def test_search_killed_then_rerun_equals_an_uninterrupted_run(inputs, reference, tmp_path, point):
     args = lambda out: build(["search", "{root}/tiny", "--ratio", "1.5", "--population", "3",  # noqa: E731
                               "--generations", "2", "--top-k", "1"], inputs, out)
-    ref = cli(args(tmp_path / "ref"), tmp_path / "home-ref")
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref = reference("search", args)
     home = tmp_path / "home"
     killed = cli(args(tmp_path / "out"), home, kill_at=point)
     assert killed.returncode == -9, killed.stderr[-2000:]
     again = cli(args(tmp_path / "out"), home)
     assert again.returncode == 0, again.stderr[-2000:]
     strip = lambda d: {k: v for k, v in d.items() if k not in ("minutes", "reproduce")}  # noqa: E731
-    summary = [strip(json.loads((tmp_path / d / "search.json").read_text())) for d in ("ref", "out")]
+    summary = [strip(json.loads((d / "search.json").read_text())) for d in (ref, tmp_path / "out")]
     for s in summary:
         s["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in s["history"]]
     assert summary[0] == summary[1]
-    strategy = [json.loads((tmp_path / d / "strategy.json").read_text())["config"] for d in ("ref", "out")]
+    strategy = [json.loads((d / "strategy.json").read_text())["config"] for d in (ref, tmp_path / "out")]
     assert strategy[0] == strategy[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["distill-state:1", "distill-state:2", "save:3"])
-def test_distill_killed_then_rerun_equals_an_uninterrupted_run(inputs, tmp_path, point):
+def test_distill_killed_then_rerun_equals_an_uninterrupted_run(inputs, reference, tmp_path, point):
     args = lambda out: build(["distill", "{root}/ckpt", "--steps", "6", "--save-every", "2",  # noqa: E731
                               "--seq-len", "32", "--batch-size", "2", "--chat-fraction", "0",
                               "--eval-seq-len", "32", "--eval-windows", "2", "--device", "cpu"], inputs, out)
-    ref = cli(args(tmp_path / "ref"), tmp_path / "home-ref")
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref = reference("distill", args)
     home = tmp_path / "home"
     killed = cli(args(tmp_path / "out"), home, kill_at=point)
     assert killed.returncode == -9, killed.stderr[-2000:]
     again = cli(args(tmp_path / "out"), home)
     assert again.returncode == 0, again.stderr[-2000:]
-    same_weights(tmp_path / "ref", tmp_path / "out")
-    report = [json.loads((tmp_path / d / "distill.json").read_text()) for d in ("ref", "out")]
+    same_weights(ref, tmp_path / "out")
+    report = [json.loads((d / "distill.json").read_text()) for d in (ref, tmp_path / "out")]
     assert report[0]["ppl_after"]["ppl"] == pytest.approx(report[1]["ppl_after"]["ppl"], rel=1e-5)
 
 
