@@ -63,6 +63,7 @@ BAD = [
     (["compress", "{root}/tiny", "--order", "1,,0"], "integers only"),
     (["compress", "{root}/tiny", "--order", "0,0"], "permutation of 0..1"),
     (["compress", "{root}/tiny", "--order", "sideways"], "unknown order"),
+    (["compress", "{root}/tiny", "--order", "outward:5"], "start must be a layer of 0..1"),
     (["compress", "{root}/tiny", "--method", "lora"], "unknown method"),
     (["compress", "{root}/tiny", "--allocation", "greedy"], "unknown allocation"),
     (["compress", "{root}/tiny", "--attn-ratio", "1"], "--attn-ratio must be greater than 1"),
@@ -84,6 +85,7 @@ BAD = [
     (["search", "{root}/tiny", "--workers", "0"], "--workers must be at least 1"),
     (["search", "{root}/tiny", "--search-data", "{root}/eval.txt"], "overlaps the evaluation data"),
     (["search", "{root}/tiny", "--fisher-windows", "0"], "--fisher-windows must be"),
+    (["search", "{root}/tiny", "--order-windows", "2", "--streamed"], "--order-windows needs the in-memory"),
     (["distill", "{root}/tiny-missing"], "no checkpoint folder"),
     (["distill", "{root}/ckpt", "--alpha", "2"], "--alpha must be in [0, 1]"),
     (["distill", "{root}/ckpt", "--steps", "0"], "--steps must be positive"),
@@ -308,7 +310,8 @@ def test_compress_killed_then_rerun_equals_an_uninterrupted_run(inputs, referenc
 @pytest.mark.parametrize("point", ["statistics", "search-generation:1", "search-generation:2"])
 def test_search_killed_then_rerun_equals_an_uninterrupted_run(inputs, reference, tmp_path, point):
     args = lambda out: build(["search", "{root}/tiny", "--ratio", "1.5", "--population", "3",  # noqa: E731
-                              "--generations", "2", "--top-k", "1"], inputs, out)
+                              "--generations", "2", "--top-k", "1", "--order-windows", "4",
+                              "--order-seq-len", "32"], inputs, out)
     ref = reference("search", args)
     home = tmp_path / "home"
     killed = cli(args(tmp_path / "out"), home, kill_at=point)
@@ -319,6 +322,7 @@ def test_search_killed_then_rerun_equals_an_uninterrupted_run(inputs, reference,
     summary = [strip(json.loads((d / "search.json").read_text())) for d in (ref, tmp_path / "out")]
     for s in summary:
         s["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in s["history"]]
+        s["orders"] = [{k: v for k, v in o.items() if k != "seconds"} for o in s["orders"]]
     assert summary[0] == summary[1]
     strategy = [json.loads((d / "strategy.json").read_text())["config"] for d in (ref, tmp_path / "out")]
     assert strategy[0] == strategy[1]

@@ -16,12 +16,13 @@ from vac.errors import VacError
 from vac.search.space import SearchSetup
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-DECIDING = {"allocation_probe.py", "calibration_mix.py", "strategy_probe.py"}
+DECIDING = {"allocation_probe.py", "calibration_mix.py", "strategy_probe.py", "order_proxy.py"}
 REPORTING_NAMES = {"DEFAULT_EVAL", "REPORT_EVALS", "EvalConfig"}
 # every corpus split named literally in each benchmark (reporting scripts may name eval splits)
 SPLITS_NAMED = {
     "allocation_probe.py": set(),
     "strategy_probe.py": set(),
+    "order_proxy.py": set(),
     "calibration_mix.py": {"handbook:calib",
                            "web-bible:calib+shakespeare:calib",
                            "web-bible:calib+shakespeare:calib+handbook:calib", "handbook:calib+{self}",

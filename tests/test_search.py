@@ -50,7 +50,10 @@ def files(tmp_path_factory):
 def setup_for(files, **kw) -> SearchSetup:
     base = dict(model=str(files / "tiny"), ratio=1.5, population=4, calib=str(files / "calib.txt"),
                 search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
-                fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4)
+                fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4,
+                order_windows=4, order_seq_len=32)
+    if kw.get("streamed") or kw.get("proxy") is False:
+        base["order_windows"] = 0
     return SearchSetup(**base | kw)
 
 
@@ -90,6 +93,65 @@ def test_random_genomes_meet_the_budget(parts):
     sets = {FactorCache.name(g.method, g.exponent) for g in genomes}
     # one SVD per (matrix, method, exponent), none per candidate
     assert parts["factors"].svds - svds == len(sets - known) * len(scorer.matrices)
+
+
+def test_order_mutations_stay_in_the_outward_family():
+    from vac.core.orders import layer_order, outward, outward_gene
+
+    n = 6
+    family = {tuple(outward(n, s, up)) for s in range(n) for up in (True, False)}
+    assert {tuple(layer_order(name, n)) for name in ("front-to-back", "back-to-front", "middle-out")} <= family
+    assert len(family) == 2 * n - 2  # the ends have one side only
+    assert all(tuple(outward(n, *outward_gene(o))) == o for o in family)
+    assert outward_gene((1, 0, 3, 2, 5, 4)) is None
+    space, rng = Space(n), random.Random(3)
+    g = Genome((1, 0, 3, 2, 5, 4))  # outside the family: mutation brings it in
+    seen = set()
+    for _ in range(40):
+        g = replace(g, order=space._mutate_order(g.order, rng))
+        assert g.order in family
+        seen.add(g.order)
+    assert len(seen) > n  # the family is explored, not one order
+
+
+def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path):
+    """The order score is a sequential compression (the default genes) from the order windows: two
+    orders of the same genes score differently, exactly as the pipeline compresses them, and two genomes
+    that differ only in the order get fitnesses in the ratio of their order scores."""
+    from vac.search.scoring import InMemoryEngine
+
+    setup = setup_for(files)
+    engine = InMemoryEngine(setup, tmp_path / "cache", progress=False)
+    tok = engine.tokenizer
+    calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
+    windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
+    engine.prepare(calib, windows)
+    small = sample_windows(tok, setup.calib, setup.order_seq_len, setup.order_windows, seed=0)
+    front, back = Genome.default(4), replace(Genome.default(4), order=(3, 2, 1, 0))
+    scores = [engine.order_score(g, small)["score"] for g in (front, back)]
+    assert scores[0] != pytest.approx(scores[1], rel=1e-3), scores
+    net = copy.deepcopy(engine.model)
+    compress(net, small, CompressConfig(back.strategy(setup.ratio, full=True, **setup.grid()), setup.order_data()),
+             progress=False)
+    assert scores[1] == pytest.approx(perplexity(net, windows, progress=False)["ppl"], rel=1e-5)
+
+    summary = run_search(setup, tmp_path / "s", generations=2, progress=False, log=lambda _m: None)
+    archive = json.loads((tmp_path / "s" / "state.json").read_text())["archive"]
+    orders = json.loads((tmp_path / "s" / "state.json").read_text())["orders"]
+    base = orders[",".join(map(str, Genome.default(4).order))]["score"]
+    for entry in archive.values():
+        order = orders[",".join(map(str, entry["genome"]["order"]))]["score"]
+        assert entry["score"] == pytest.approx(entry["truncation"] * order / base, rel=1e-12)
+    assert len(summary["orders"]) == len(orders) >= 2 and "order score" in summary["fitness"]
+
+
+def test_order_score_needs_the_in_memory_proxy_search(files):
+    assert setup_for(files, order_windows=None).order_windows == 8  # the in-memory default
+    assert setup_for(files, streamed=True, order_windows=None).order_windows == 0
+    with pytest.raises(VacError, match="--order-windows needs the in-memory proxy search"):
+        setup_for(files, streamed=True, order_windows=4)
+    with pytest.raises(VacError, match="--order-windows must be at least 0"):
+        setup_for(files, order_windows=-1)
 
 
 def test_proxy_scoring_equals_the_pipeline_without_new_svds(parts):
@@ -191,7 +253,9 @@ def test_deterministic_and_resume_equals_uninterrupted(files, tmp_path, monkeypa
         run_search(setup, tmp_path / "d", generations=3, **quiet)
     monkeypatch.setattr(ProxyScorer, "score", real)
     partial = json.loads((tmp_path / "d" / "state.json").read_text())
-    assert partial["generation"] == 1 and len(partial["archive"]) == setup.population + 1
+    # the second generation's first truncation was recorded (and any genome of it that differs from one
+    # scored before only in its order), the one that died was not
+    assert partial["generation"] == 1 and setup.population < len(partial["archive"]) < 2 * setup.population
     run_search(setup, tmp_path / "d", generations=3, **quiet)
     assert_same_search(tmp_path / "a", tmp_path / "d")
 
@@ -244,7 +308,8 @@ def search_args(files, out, *extra):
     return ["search", files / "tiny", "--out", out, "--ratio", 1.5, "--calib", files / "calib.txt", "--eval",
             files / "eval.txt", "--search-data", files / "search.txt", "--seq-len", 32, "--calib-windows", 8,
             "--fisher-windows", 4, "--search-windows", 4, "--eval-windows", 4, "--rank-step", 4,
-            "--rank-floor", 4, "--population", 3, "--generations", 1, "--top-k", 1, *extra]
+            "--rank-floor", 4, "--population", 3, "--generations", 1, "--top-k", 1, "--order-windows", 4,
+            "--order-seq-len", 32, *extra]
 
 
 def cli(*args):

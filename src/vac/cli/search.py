@@ -34,6 +34,10 @@ def search(
     top_k: int = typer.Option(SearchSetup.top_k, help="proxy-best genomes re-scored with the full (sequential) config"),
     proxy: bool = typer.Option(True, "--proxy/--no-proxy", help="score candidates non-sequentially from cached "
                                "factors (fast), the top-k fully at the end; --no-proxy: every candidate fully"),
+    order_windows: Optional[int] = typer.Option(None, help="score each layer order by a sequential compression of "
+                                                "the default genes from this many short calibration windows "
+                                                "(0: the proxy stays blind to the order) [default: 8 in memory]"),
+    order_seq_len: int = typer.Option(SearchSetup.order_seq_len, help="window length of the order score"),
     rank_step: int = typer.Option(StrategyConfig.rank_step, help="rank grid step of the allocation"),
     rank_floor: int = typer.Option(StrategyConfig.rank_floor, help="smallest rank a matrix can get"),
     workers: int = typer.Option(1, help="worker processes scoring candidates in parallel (proxy scoring)"),
@@ -53,7 +57,8 @@ def search(
     setup = SearchSetup(
         model=model, ratio=ratio, population=population, seed=seed, search_data=search_data,
         search_windows=search_windows, eval_data=eval_data, eval_windows=eval_windows, rank_step=rank_step,
-        rank_floor=rank_floor, top_k=top_k, proxy=proxy, streamed=streamed, **{k: getattr(data, k) for k in DATA_FIELDS},
+        rank_floor=rank_floor, top_k=top_k, proxy=proxy, streamed=streamed, order_windows=order_windows,
+        order_seq_len=order_seq_len, **{k: getattr(data, k) for k in DATA_FIELDS},
     )
     log = lambda msg: err.print(msg, highlight=False)  # noqa: E731
     if ablation and streamed:
@@ -74,6 +79,8 @@ def search(
         ("search PPL default → winner", f"{ppl(d['search_ppl'])} → {ppl(w['search_ppl'])}  ({search_data})"),
         ("eval PPL default → winner", f"{ppl(d['eval_ppl'])} → {ppl(w['eval_ppl'])}  ({eval_data or 'skipped'})"),
         ("generations", f"{summary['generations_done']} ({summary['stopped']}), {summary['evaluated']} genomes scored"),
+        ("layer orders scored", f"{len(summary['orders'])}" + (f", best: {summary['orders'][0]['order']} "
+                                f"({summary['orders'][0]['score']:.3f})" if summary["orders"] else "")),
         ("time", f"{summary['minutes']:.1f} min"),
     ]))
     out.print(f"strategy: {out_dir / 'strategy.json'}   use: {summary['reproduce']}")

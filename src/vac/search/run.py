@@ -1,7 +1,8 @@
 """Evolutionary strategy search at a fixed parameter budget (``vac search``).
 
 A *genome* is one compression strategy: a layer order (a permutation of the decoder layers, started
-from middle-out, front-to-back or back-to-front and changed by swap / segment-reverse mutations), the
+from middle-out, front-to-back or back-to-front and moved within the outward family of
+:func:`vac.core.orders.outward`: its start layer and the side it turns to first), the
 Fisher exponent (vac), the attention/MLP budget split (``attn_ratio = 1 + (ratio − 1)·share``), the
 allocation within each component (uniform ranks, or the knapsack with per-matrix-type curve weights
 ``StrategyConfig.type_weights``, powers of two) and the method (vac, or whiten = vac without Fisher
@@ -21,11 +22,16 @@ matrix, stored as factor pairs at the largest useful rank (``factors-*.safetenso
 allocation is a knapsack over the cached spectra and its factorization a truncation of the cached
 factors, with no new SVD. The sequential compression of the full method recomputes statistics layer by
 layer and costs minutes per candidate on a CPU, so by default (``proxy=True``) candidates are scored
-with ``sequential=False`` (dense statistics, cached factors) on a few search windows; the proxy cannot
-see the layer order, which matters only for sequential compression, so the orders ride along and are
-selected in the final stage: the top-k genomes by proxy fitness plus the default are re-scored with
-the full configuration (sequential, as ``vac compress``) on the search split, and the best of those
-is the winner. ``proxy=False`` scores every candidate with the full configuration (GPU-sized budgets).
+with ``sequential=False`` (dense statistics, cached factors) on a few search windows. That truncation
+cannot see the layer order, which matters only for sequential compression, so the order is scored
+apart (``SearchSetup.order_windows``): once per order, the default genes in that order compressed
+sequentially as ``vac compress`` does from a few short calibration windows, and a genome's fitness is
+its truncation score times its order's score relative to the default order's (the order's effect
+taken as separable from the other genes'; ``benchmarks/order_proxy.py`` measures how well the order
+score ranks orders against the full compression). The top-k genomes by fitness plus the default are
+re-scored with the full configuration (sequential, as ``vac compress``) on the search split, and the
+best of those is the winner. ``proxy=False`` scores every candidate with the full configuration
+(GPU-sized budgets).
 
 Resume. The state (population, fitness archive, RNG state, generation index, the final-stage scores)
 is written atomically to ``OUT/state.json`` after every evaluation and every generation; rerunning the
@@ -46,13 +52,14 @@ import random
 import statistics as stats_mod
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write, check_output, write_json
 from ..config import DataConfig, StrategyConfig
 from ..core.driver import check_budget, sequential_passes
+from ..core.orders import describe_order
 from ..data.windows import eval_windows, sample_windows
 from ..errors import VacError
 from ..faults import kill_point
@@ -111,6 +118,8 @@ class _Run:
         self.search_windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
         self.eval_windows = (eval_windows(tok, setup.eval_data, setup.seq_len, setup.eval_windows)
                              if setup.eval_data else None)
+        self.order_calib = (sample_windows(tok, setup.calib, setup.order_seq_len, setup.order_windows, seed=0)
+                            if setup.order_windows else None)
         self.engine.prepare(self.calib, self.search_windows)
         self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup),
                            orders=("front-to-back",) if setup.streamed else None)
@@ -174,10 +183,32 @@ class _Run:
                 archive[self.key(g)] = dict(entry, generation=generation)
                 self.save()
             return len(genomes)
-        for g, result in zip(genomes, self.engine.proxy(genomes)):
-            archive[self.key(g)] = dict(result, genome=g.to_dict(), generation=generation)
+        truncated = self.state.setdefault("proxy", {})  # truncation scores by proxy key (blind to the order)
+        need = list({g.proxy_key(): g for g in genomes if g.proxy_key() not in truncated}.values())
+        results = iter(self.engine.proxy(need))  # in the order of the genomes that need one
+        for g in genomes:
+            if g.proxy_key() not in truncated:
+                truncated[g.proxy_key()] = next(results)
+            entry = dict(truncated[g.proxy_key()], genome=g.to_dict(), generation=generation)
+            if self.setup.order_windows:
+                order, base = self.order_entry(g.order)["score"], self.order_entry(self.default.order)["score"]
+                entry |= {"truncation": entry["score"], "order_score": order, "score": entry["score"] * order / base}
+            archive[self.key(g)] = entry
             self.save()
         return len(genomes)
+
+    def order_entry(self, order) -> dict:
+        """The order score of ``order`` (memoized in the state): the default genes in that order,
+        compressed sequentially from the order windows, scored on the search windows."""
+        orders = self.state.setdefault("orders", {})
+        key = ",".join(map(str, order))
+        if key not in orders:
+            g = replace(self.default, order=tuple(order))
+            orders[key] = self.engine.order_score(g, self.order_calib)
+            self.save()
+            self.log(f"order {describe_order(order)}: order score {orders[key]['score']:.3f} "
+                     f"({orders[key]['seconds']:.0f} s)")
+        return orders[key]
 
     def full_s(self, g: Genome) -> float:
         """Estimated seconds of a full re-score of ``g`` (0 once done)."""
@@ -210,7 +241,7 @@ class _Run:
                           "timing": {}, "stopped": None}
             self.save()
         self.log(f"search: {setup.model} at {setup.ratio:g}x, fitness on {setup.search_data} "
-                 f"({setup.search_windows}x{setup.seq_len}, {'proxy: non-sequential' if setup.proxy else 'full'}), "
+                 f"({setup.search_windows}x{setup.seq_len}, {self.fitness()}), "
                  f"starting at generation {self.state['generation']}")
         default = self.full_entry(self.default, keep=True)  # the reference, and a measured full cost
         self.log(f"default strategy (full config): search PPL {default['score']:.3f}")
@@ -252,6 +283,14 @@ class _Run:
         if state["stopped"] is None:
             state["stopped"] = "generations"
         self.save()
+
+    def fitness(self) -> str:
+        if not self.setup.proxy:
+            return "full config"
+        if not self.setup.order_windows:
+            return "proxy: sequential=False"
+        return (f"proxy: sequential=False x order score ({self.setup.order_windows}x{self.setup.order_seq_len} "
+                "sequential, relative to the default order)")
 
     def ranked(self) -> list[dict]:
         return sorted(self.state["archive"].values(),
@@ -301,7 +340,7 @@ class _Run:
                                               if setup.eval_data else " --eval ''"))
         summary = {
             "setup": setup.to_json(), "generations_done": state["generation"], "stopped": state["stopped"],
-            "minutes": self.elapsed() / 60, "fitness": "proxy: sequential=False" if setup.proxy else "full config",
+            "minutes": self.elapsed() / 60, "fitness": self.fitness(),
             "protocol": f"PPL over non-overlapping windows of {setup.seq_len} tokens, all shifted tokens scored, "
                         f"use_cache=False; search: first {setup.search_windows} windows of {setup.search_data}; "
                         f"eval: first {setup.eval_windows} windows of {setup.eval_data or '(skipped)'}",
@@ -314,6 +353,9 @@ class _Run:
             "final_candidates": [{"describe": g.describe(), "genome": g.to_dict(),
                                   "search_ppl": full[g.full_key()]["score"]} for g in candidates],
             "history": state["history"], "top": rows[:20], "evaluated": len(rows),
+            "orders": [{"order": describe_order([int(i) for i in k.split(",")]), "score": v["score"],
+                        "seconds": v["seconds"]} for k, v in sorted(state.get("orders", {}).items(),
+                                                                    key=lambda kv: kv[1]["score"])],
             "reproduce": cli,
         }
         strategy = {"format": FORMAT, "config": cfg.strategy.to_dict(), "data": cfg.data.to_dict(),

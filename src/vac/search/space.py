@@ -25,7 +25,7 @@ from ..config import (
 from ..core.allocate import ALLOCATIONS as ALLOCATION_REGISTRY
 from ..core.allocate import Matrix, component_ratios, matrices_of
 from ..core.methods import METHODS
-from ..core.orders import ORDERS, layer_order, order_name
+from ..core.orders import ORDERS, describe_order, layer_order, order_name, outward, outward_gene
 from ..data.specs import check_disjoint
 from ..errors import VacError
 from ..models.families import arch_for
@@ -61,8 +61,8 @@ class Genome:
         return cls(tuple(layer_order(DEFAULT_ORDER, n_layers)))
 
     def proxy_key(self) -> str:
-        """Identity under the proxy (which is blind to the layer order; whiten ignores the exponent,
-        only the global knapsack uses the curve weights)."""
+        """Identity under the truncation proxy (which is blind to the layer order; whiten ignores the
+        exponent, only the global knapsack uses the curve weights)."""
         weights = list(self.log_weights) if self.allocation == "global" else None
         return json.dumps([self.method, self.exponent if self.method == "vac" else None, self.attn,
                            self.allocation, weights])
@@ -92,7 +92,7 @@ class Genome:
         return CompressConfig(self.strategy(setup.ratio, full=full, **setup.grid()), setup.data_config())
 
     def describe(self) -> dict[str, str]:
-        order = self.order_name() or "perm " + ",".join(map(str, self.order))
+        order = describe_order(self.order)
         weights = " ".join(f"{k}×{2.0 ** w:.2g}" for k, w in zip(KINDS, self.log_weights) if w != 0)
         weights = weights if self.allocation == "global" else ""
         return {
@@ -125,8 +125,9 @@ class Space:
     """Random genomes, mutation and crossover over the genes (deterministic given the RNG)."""
 
     def __init__(self, n_layers: int, methods=SEARCH_METHODS, shares=ATTN_SHARES, orders: tuple[str, ...] | None = None):
-        """``orders``: the named orders a genome may take (None: every order of ``core.orders.ORDERS`` and
-        their swap / segment-reverse mutations; a tuple: only those, unmutated, as the streamed search)."""
+        """``orders``: the named orders a random genome starts from (None: every order of
+        ``core.orders.ORDERS``, mutated within the outward family, ``core.orders.outward``; a tuple: only
+        those, unmutated, as the streamed search)."""
         self.n_layers, self.methods, self.shares = n_layers, tuple(methods), tuple(shares)
         self.orders = tuple(orders or ORDERS)
         self.mutable_order = orders is None
@@ -170,16 +171,17 @@ class Space:
         return g
 
     def _mutate_order(self, order: tuple[int, ...], rng: random.Random) -> tuple[int, ...]:
-        n, r = len(order), rng.random()
-        if n < 2 or r >= 0.8:
-            return tuple(layer_order(rng.choice(tuple(ORDERS)), self.n_layers))
-        a, b = sorted(rng.sample(range(n), 2))
-        o = list(order)
-        if r < 0.4:  # swap two positions
-            o[a], o[b] = o[b], o[a]
-        else:  # reverse a segment
-            o[a: b + 1] = reversed(o[a: b + 1])
-        return tuple(o)
+        """A step within the outward family (its start moved by 1 to 3 layers, or its side flipped), or
+        one of its orders at random (also the way back for a permutation outside the family)."""
+        n, r, gene = self.n_layers, rng.random(), outward_gene(order)
+        if gene is None or r >= 0.85:
+            return tuple(outward(n, rng.randrange(n), rng.random() < 0.5))
+        start, up_first = gene
+        if r < 0.65:
+            start = min(max(start + rng.choice((-3, -2, -1, 1, 2, 3)), 0), n - 1)
+        else:
+            up_first = not up_first
+        return tuple(outward(n, start, up_first))
 
     def crossover(self, a: Genome, b: Genome, rng: random.Random) -> Genome:
         pick = lambda x, y: x if rng.random() < 0.5 else y  # noqa: E731
@@ -270,8 +272,22 @@ class SearchSetup:
     methods: tuple[str, ...] = SEARCH_METHODS
     # memory bounded by one decoder layer (vac.search.streamed); the layer order stays front-to-back
     streamed: bool = False
+    # the order gene's score under the proxy: the default genes compressed sequentially in that order on
+    # this many calibration windows of order_seq_len tokens (vac.search.order_score); None: 8 where the
+    # order is searched (the in-memory proxy search), 0 elsewhere (0: the proxy stays blind to the order)
+    order_windows: int | None = None
+    order_seq_len: int = 256
 
     def __post_init__(self):
+        if self.order_windows is None:
+            self.order_windows = 8 if self.proxy and not self.streamed else 0
+        if self.order_windows < 0:
+            raise VacError(f"--order-windows must be at least 0, got {self.order_windows}")
+        if self.order_windows and (self.streamed or not self.proxy):
+            raise VacError("--order-windows needs the in-memory proxy search (the streamed search keeps "
+                           "front-to-back; --no-proxy scores every order fully)")
+        if self.order_seq_len < 2:
+            raise VacError(f"--order-seq-len must be at least 2, got {self.order_seq_len}")
         self.methods = tuple(self.methods)
         if not self.ratio > 1:
             raise VacError(f"--ratio must be greater than 1, got {self.ratio:g}")
@@ -301,7 +317,12 @@ class SearchSetup:
         return json.loads(json.dumps(asdict(self)))
 
     def memo_key(self, g: Genome) -> str:
-        return g.proxy_key() if self.proxy else g.full_key()
+        return g.proxy_key() if self.proxy and not self.order_windows else g.full_key()
+
+    def order_data(self) -> DataConfig:
+        """The calibration data of the order score (the search's, fewer and shorter windows)."""
+        return DataConfig(calib=self.calib, calib_windows=self.order_windows,
+                          fisher_windows=min(self.fisher_windows, self.order_windows), seq_len=self.order_seq_len)
 
 
 def max_step(matrices: list[Matrix], step: int, floor: int) -> int:
