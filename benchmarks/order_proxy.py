@@ -36,7 +36,8 @@ ORDERS = ("front-to-back", "middle-out", "back-to-front", "outward:7", "outward:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's rank correlation (no ties expected among perplexities)."""
+    """Spearman's rank correlation (no ties expected among perplexities). scipy.stats.spearmanr was
+    considered: scipy is not among vac's dependencies, and five lines do not justify one."""
     def ranks(v):
         order = sorted(range(len(v)), key=v.__getitem__)
         r = [0] * len(v)
@@ -62,7 +63,7 @@ def main(argv=None):
     tok = engine.tokenizer
     calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
     windows = eval_windows(tok, for_decisions(setup.search_data), setup.seq_len, setup.search_windows)
-    small = sample_windows(tok, setup.calib, setup.order_seq_len, setup.order_windows, seed=0)
+    small = setup.order_calibration(tok)
     t0 = time.perf_counter()
     engine.prepare(calib, windows)
     doc["statistics_s"] = doc.get("statistics_s") or time.perf_counter() - t0

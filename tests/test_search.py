@@ -126,7 +126,7 @@ def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path
     calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
     windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
     engine.prepare(calib, windows)
-    small = sample_windows(tok, setup.calib, setup.order_seq_len, setup.order_windows, seed=0)
+    small = setup.order_calibration(tok)
     front, back = Genome.default(4), replace(Genome.default(4), order=(3, 2, 1, 0))
     scores = [engine.order_score(g, small)["score"] for g in (front, back)]
     assert scores[0] != pytest.approx(scores[1], rel=1e-3), scores

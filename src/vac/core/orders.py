@@ -26,7 +26,7 @@ def outward(n: int, start: int, up_first: bool = True) -> list[int]:
     """The outward family: ``start``, then alternately one layer further above and below it (``up_first``:
     above first), a side that runs out leaving the other to finish. Start 0 is front-to-back, start
     n − 1 (below first) back-to-front, start n // 2 (above first) middle-out: one compact family of
-    2n orders over which ``vac search`` moves an order gene (start, side) step by step."""
+    2n − 2 distinct orders (the two ends have one side only) over which ``vac search`` moves an order gene (start, side) step by step."""
     if not 0 <= start < n:
         raise VacError(f"an outward order's start must be a layer of 0..{n - 1}, got {start}")
     result = [start]

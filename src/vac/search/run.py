@@ -118,8 +118,7 @@ class _Run:
         self.search_windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
         self.eval_windows = (eval_windows(tok, setup.eval_data, setup.seq_len, setup.eval_windows)
                              if setup.eval_data else None)
-        self.order_calib = (sample_windows(tok, setup.calib, setup.order_seq_len, setup.order_windows, seed=0)
-                            if setup.order_windows else None)
+        self.order_calib = setup.order_calibration(tok) if setup.order_windows else None
         self.engine.prepare(self.calib, self.search_windows)
         self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup),
                            orders=("front-to-back",) if setup.streamed else None)

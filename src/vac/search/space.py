@@ -273,7 +273,7 @@ class SearchSetup:
     # memory bounded by one decoder layer (vac.search.streamed); the layer order stays front-to-back
     streamed: bool = False
     # the order gene's score under the proxy: the default genes compressed sequentially in that order on
-    # this many calibration windows of order_seq_len tokens (vac.search.order_score); None: 8 where the
+    # this many calibration windows of order_seq_len tokens (InMemoryEngine.order_score); None: 8 where the
     # order is searched (the in-memory proxy search), 0 elsewhere (0: the proxy stays blind to the order)
     order_windows: int | None = None
     order_seq_len: int = 256
@@ -323,6 +323,13 @@ class SearchSetup:
         """The calibration data of the order score (the search's, fewer and shorter windows)."""
         return DataConfig(calib=self.calib, calib_windows=self.order_windows,
                           fisher_windows=min(self.fisher_windows, self.order_windows), seq_len=self.order_seq_len)
+
+    def order_calibration(self, tokenizer):
+        """The calibration windows of the order score (:meth:`order_data`, sampled as ``vac compress`` samples)."""
+        from ..data.windows import sample_windows
+
+        d = self.order_data()
+        return sample_windows(tokenizer, d.calib, d.seq_len, d.calib_windows, seed=d.seed)
 
 
 def max_step(matrices: list[Matrix], step: int, floor: int) -> int:
