@@ -3,7 +3,8 @@
 1. compress: ``vac compress smollm2-135m --ratio 1.8`` into the work folder (skipped with ``--student DIR``
    or when the work folder already holds it);
 2. distill: ``vac distill`` from the dense model for at most ``--minutes`` of training (the cosine
-   schedule is fitted to that budget from the times of steps 2-6); rerunning this script resumes it;
+   schedule is fitted to that budget from the times of steps 2-6, then every 24 steps); rerunning this
+   script resumes it;
 3. scores (reporting only, after the run): the dense, compressed and recovered models on the held-out
    texts of the quality benchmark (``REPORT_EVALS``; one protocol: the first ``--eval-windows``
    non-overlapping ``--eval-seq-len``-token windows, every shifted token scored, use_cache=False) and

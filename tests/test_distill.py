@@ -202,14 +202,25 @@ def test_schedule_warmup_then_cosine():
 # ----------------------------------------------------------------------------- data
 
 
-def test_time_budget_is_fitted_without_the_first_step():
+def test_time_budget_is_fitted_without_the_first_step_then_refitted():
     from vac.recover.distill import _planned_steps
 
     cfg = DistillConfig(steps=1000, max_minutes=1.0)
     # a first step of 10 s, then 5 of 2 s: 40 s left at 2 s per step
-    assert _planned_steps(cfg, step=6, seconds=20.0, first_step_done=10.0, run_steps=6) == 6 + 20
-    assert _planned_steps(DistillConfig(steps=15, max_minutes=1.0), 6, 20.0, 10.0, 6) == 15  # the step cap
-    assert _planned_steps(cfg, step=6, seconds=70.0, first_step_done=10.0, run_steps=6) == 6  # over the budget
+    assert _planned_steps(cfg, step=6, seconds=20.0, timed_from=10.0, timed_steps=5) == 6 + 20
+    assert _planned_steps(DistillConfig(steps=15, max_minutes=1.0), 6, 20.0, 10.0, 5) == 15  # the step cap
+    assert _planned_steps(cfg, step=6, seconds=70.0, timed_from=10.0, timed_steps=5) == 6  # over the budget
+    # a refit times only the steps since the last fit: 18 steps of 1 s after the 20 s above, 22 s left
+    assert _planned_steps(cfg, step=24, seconds=38.0, timed_from=20.0, timed_steps=18) == 24 + 22
+
+
+def test_a_budgeted_run_fits_its_schedule_and_ends_at_the_final_lr(tmp_path):
+    """Under --max-minutes the schedule is fitted at the run's step 6 and refitted every 24 steps; a
+    budget all steps fit in ends the cosine at --steps: the last step's lr is min_lr_ratio × lr."""
+    cfg = config(steps=40, max_minutes=60.0, grad_accum=1, save_every=100)
+    result = run_distill(student_of(), tiny_llama(seed=0), mix_of(), cfg, tmp_path / "out", progress=False)
+    curve = result.report["loss_curve"]
+    assert len(curve) == 40 and curve[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-6)
 
 
 def test_mix_is_deterministic_and_mixes_chat():

@@ -16,7 +16,7 @@ from vac.errors import VacError
 from vac.search.space import SearchSetup
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-DECIDING = {"allocation_probe.py", "calibration_mix.py", "strategy_probe.py", "order_proxy.py"}
+DECIDING = {"allocation_probe.py", "calibration_mix.py", "strategy_probe.py", "order_proxy.py", "recovery_probe.py"}
 REPORTING_NAMES = {"DEFAULT_EVAL", "REPORT_EVALS", "EvalConfig"}
 # every corpus split named literally in each benchmark (reporting scripts may name eval splits)
 SPLITS_NAMED = {
@@ -29,7 +29,7 @@ SPLITS_NAMED = {
                            "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
     "decode_probe.py": set(), "distill_memory.py": set(), "gpu_check.py": set(), "quality.py": set(), "scale.py": set(), "search.py": set(),
     "onnx_profile.py": set(), "onnx_quality.py": set(),
-    "recovery.py": set(),
+    "recovery.py": set(), "recovery_probe.py": set(),
 }
 
 

@@ -64,7 +64,7 @@ def distill(
                                        "(quality over the run, scored afterwards; 0: never)"),
     snapshots: Optional[Path] = typer.Option(None, help="folder of the --snapshot-every files (outside --out)"),
     max_minutes: Optional[float] = typer.Option(DistillConfig.max_minutes, help="training time budget; the schedule is fitted to "
-                                                "it from steps 2-6 of the run"),
+                                                "it from steps 2-6 of the run, then every 24 steps from the pace since"),
     fsdp: bool = typer.Option(DistillConfig.fsdp, help="shard the student and the teacher with FSDP2 (each decoder layer, then "
                               "the root); torchrun only"),
     bf16: bool = typer.Option(DistillConfig.bf16, help="bfloat16 compute, fp32 master weights (with --fsdp: FSDP2's "

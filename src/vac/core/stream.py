@@ -33,7 +33,6 @@ about 11 GiB with the defaults, 9 GiB with ``--offload-dir``; docs/scale.md). Se
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ from ..atomic import ordinary_permissions, remove_stale, replace_dir, torch_save
 from ..config import CompressConfig
 from ..errors import VacError
 from ..faults import kill_point, stage
+from .heap import bounded_heap, trim_heap
 from ..models.families import arch_for
 from . import distributed as dist
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
@@ -129,45 +129,6 @@ class ShardReader:
             if kind in kinds:
                 return kinds[kind]
         return torch.float32
-
-
-def bounded_heap() -> bool:
-    """Fix glibc's mmap and trim thresholds (``mallopt``) so the heap stays bounded without
-    re-faulting the blocks a layer's work reuses.
-
-    By default glibc raises its mmap threshold each time a large block is freed, so the per-layer
-    statistics and SVD workspaces of later layers come from a heap that never shrinks, and resident
-    memory grows with the number of layers although nothing is kept (docs/scale.md). Fixed
-    thresholds stop that drift: blocks of 32 MiB or more (glibc's largest mmap threshold; the
-    statistics of wide layers, the calibration activations) get their own mapping and go back to the
-    system when freed; smaller ones (activations of a refinement step, per-window hidden states) are
-    reused from the heap instead of being mapped, faulted in and unmapped on every step, and up to
-    256 MiB of free heap top is kept rather than trimmed and re-faulted; :func:`trim_heap` returns
-    the rest after each layer. No-op off glibc."""
-    libc = _libc()
-    return bool(libc and libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 256 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
-
-
-def trim_heap() -> None:
-    """Give the free pages inside the heap back to the system (glibc ``malloc_trim(0)``), once per
-    layer: blocks reused within a layer's work stay mapped, what a finished layer freed does not
-    stay resident. No-op off glibc."""
-    libc = _libc()
-    if libc:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 def _set(model, name: str, value: torch.Tensor, device) -> None:

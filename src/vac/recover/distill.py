@@ -573,7 +573,7 @@ def run_distill(
 
     bar = tqdm(total=plan["steps"], initial=step, desc="distill", unit="step", disable=not (progress and env.main),
                dynamic_ncols=True)
-    run_steps, first_step_done = 0, 0.0
+    run_steps, timed_from, next_fit = 0, (0, 0.0), PLAN_FIRST
     while step < plan["steps"]:
         t0 = time.perf_counter()
         ids, mask = mix.batch(step * cfg.batch_size, cfg.batch_size)
@@ -616,11 +616,12 @@ def run_distill(
             "grad_norm": grad_norm, "tokens": tokens, "seconds": round(seconds, 3),
         }
         history.append(record)
-        if run_steps == 1:
-            first_step_done = seconds  # the first step of a process is slower (allocations, DDP buckets)
-        if not plan["fixed"] and run_steps >= min(PLAN_AFTER, plan["steps"]):
-            plan["steps"] = env.agree(_planned_steps(cfg, step, seconds, first_step_done, run_steps))
-            plan["fixed"] = True
+        if run_steps == 1:  # the first step of a process is slower (allocations, DDP buckets): not timed
+            timed_from = (run_steps, seconds)
+        if not plan["fixed"] and run_steps >= min(next_fit, plan["steps"]):
+            plan["steps"] = env.agree(_planned_steps(cfg, step, seconds, timed_from[1], run_steps - timed_from[0]))
+            timed_from, next_fit = (run_steps, seconds), run_steps + PLAN_EVERY
+            plan["fixed"] = plan["steps"] - step < PLAN_EVERY  # the last stretch keeps its schedule
             bar.total = plan["steps"]
             bar.refresh()
         if cfg.max_minutes is not None and env.agree(seconds > cfg.max_minutes * 60):
@@ -751,13 +752,17 @@ def _check_same_run(state: dict, cfg: DistillConfig, run_info: dict, out: Path) 
                            "rerun the same command to resume it, or pass --overwrite to start over")
 
 
-PLAN_AFTER = 6  # steps of a run timed before its schedule is fitted to --max-minutes (the first one left out)
+# Under --max-minutes the schedule's length is fitted to the budget after the run's first PLAN_FIRST
+# steps (timing all but the first, slower one: allocations, DDP buckets), then again every PLAN_EVERY
+# steps from the pace of the steps since (a shared CPU's pace drifts by 1.5x within a run), until
+# fewer than PLAN_EVERY steps are left
+PLAN_FIRST, PLAN_EVERY = 6, 24
 
 
-def _planned_steps(cfg: DistillConfig, step: int, seconds: float, first_step_done: float, run_steps: int) -> int:
-    """Fix the schedule length so the training fits ``max_minutes`` at the speed of this run's steps
-    after its first (``seconds``: training time so far, ``first_step_done``: at the end of its first step)."""
-    per_step = (seconds - first_step_done) / (run_steps - 1) if run_steps > 1 else seconds
+def _planned_steps(cfg: DistillConfig, step: int, seconds: float, timed_from: float, timed_steps: int) -> int:
+    """The schedule length that fits ``max_minutes`` at the speed of the last ``timed_steps`` steps
+    (``seconds``: training time so far, ``timed_from``: the training time before those steps)."""
+    per_step = (seconds - timed_from) / timed_steps if timed_steps > 0 else seconds
     remaining = cfg.max_minutes * 60 - seconds  # type: ignore[operator]
     return int(min(cfg.steps, max(step, step + remaining // max(per_step, 1e-9))))
 

@@ -1,10 +1,12 @@
-"""The harness of the benchmarks that choose a default (benchmarks/calibration_mix.py, strategy_probe.py).
+"""The harness of the benchmarks that choose a default (benchmarks/calibration_mix.py, strategy_probe.py,
+recovery_probe.py).
 
-Each candidate compresses the embedded default; the compressed model is scored on the *search* split of
-every text in ``DECISION_TEXTS`` (``for_decisions`` refuses an evaluation split) and on chat fidelity
-to the dense model's answers to the ``search`` prompts. The figure of merit is the geometric mean of
-the PPL ratios compressed/dense over the texts. Results live in one JSON file, written after every
-candidate and reused on rerun while the setup is the same.
+Each candidate compresses the embedded default (or is a model made elsewhere: ``Decision.score``); the
+candidate is scored on the *search* split of every text in ``DECISION_TEXTS`` (``for_decisions``
+refuses an evaluation split) and on chat fidelity to the dense model's answers to the ``search``
+prompts. The figure of merit is the geometric mean of the PPL ratios candidate/dense over the texts.
+Results live in one JSON file, written after every candidate and reused on rerun while the setup is
+the same.
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ class Decision:
         net = copy.deepcopy(self.model)
         t0 = time.perf_counter()
         compress(net, self.tokenizer, cfg, source=self.source, progress=False)
-        entry = extra | self.scores(net) | {"seconds": time.perf_counter() - t0}
+        return self.score(key, net, seconds=time.perf_counter() - t0, **extra)
+
+    def score(self, key: str, net, **extra) -> dict:
+        """Score an already made candidate ``net`` and store its entry under ``key`` with ``extra``."""
+        entry = extra | self.scores(net)
         ratios = [entry["ppl"][t] / self.doc["dense"]["ppl"][t] for t in DECISION_TEXTS]
         entry["geomean_ratio"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
         self.entries[key] = entry

@@ -40,7 +40,6 @@ from ..core.calibrate import input_hooks
 from ..core.stream import (
     Analysis,
     Layers,
-    bounded_heap,
     fisher_pass,
     skeleton,
     stream_compress,
@@ -48,6 +47,7 @@ from ..core.stream import (
     window_nll,
 )
 from ..faults import stage
+from ..core.heap import bounded_heap
 from ..models.families import arch_for
 from ..models.layers import make_low_rank, restored
 from .scoring import FactorCache, factor_entry, finite, proxy_allocation
