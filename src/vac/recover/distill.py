@@ -754,7 +754,7 @@ def _check_same_run(state: dict, cfg: DistillConfig, run_info: dict, out: Path) 
 
 # Under --max-minutes the schedule's length is fitted to the budget after the run's first PLAN_FIRST
 # steps (timing all but the first, slower one: allocations, DDP buckets), then again every PLAN_EVERY
-# steps from the pace of the steps since (a shared CPU's pace drifts by 1.5x within a run), until
+# steps from the pace of the steps since (a shared CPU's pace drifts within a run), until
 # fewer than PLAN_EVERY steps are left
 PLAN_FIRST, PLAN_EVERY = 6, 24
 
