@@ -67,15 +67,15 @@ def main(argv=None):
 
     torch.set_num_threads(2)
     decision = Decision(args.results, args.windows, ratio=None)
+    common = ["--teacher", DEFAULT_MODEL, "--max-minutes", str(args.minutes), "--steps", "100000",
+              "--eval", "", *args.rest]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(args.nproc), "-m", "vac.cli"] if args.nproc > 1 else [sys.executable, "-m", "vac.cli"]
     for settings in args.candidates:
-        common = ["--teacher", DEFAULT_MODEL, "--max-minutes", str(args.minutes), "--steps", "100000",
-                  "--eval", "", *args.rest]
         key = json.dumps({"student": str(args.student), "options": flags(settings) + common})
         if key in decision.entries:
             continue
         out = work / hashlib.sha256(key.encode()).hexdigest()[:16]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(args.nproc), "-m", "vac.cli"] if args.nproc > 1 else [sys.executable, "-m", "vac.cli"]
         cmd = [*launcher, "distill", str(args.student), "--out", str(out), *flags(settings), *common]
         if not (out / "distill.json").is_file():
             print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)

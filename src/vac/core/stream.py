@@ -49,11 +49,11 @@ from ..atomic import ordinary_permissions, remove_stale, replace_dir, torch_save
 from ..config import CompressConfig
 from ..errors import VacError
 from ..faults import kill_point, stage
-from .heap import bounded_heap, trim_heap
 from ..models.families import arch_for
 from . import distributed as dist
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
 from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
+from .heap import bounded_heap, trim_heap
 from .driver import Result
 from .memory import Shapes, stage_bytes
 from .methods import decompose, strategy_weighting, tail_energy

@@ -37,6 +37,7 @@ from ..atomic import atomic_write, torch_save
 from ..cache import pack_fisher, pack_inputs, unpack_fisher, unpack_inputs
 from ..core.allocate import DENSE, matrices_of, total_params
 from ..core.calibrate import input_hooks
+from ..core.heap import bounded_heap
 from ..core.stream import (
     Analysis,
     Layers,
@@ -47,7 +48,6 @@ from ..core.stream import (
     window_nll,
 )
 from ..faults import stage
-from ..core.heap import bounded_heap
 from ..models.families import arch_for
 from ..models.layers import make_low_rank, restored
 from .scoring import FactorCache, factor_entry, finite, proxy_allocation
