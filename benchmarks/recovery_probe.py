@@ -2,7 +2,8 @@
 
 Each candidate (options of ``vac distill`` over its defaults, e.g. ``{"lr": 3e-4}``) distills the given
 1.8x student from the dense embedded default for the same short training budget (``--minutes``, the
-cosine schedule fitted to it), two gloo processes of one thread as benchmarks/recovery.py runs them.
+cosine schedule fitted to it, or the same number of ``--steps``), two gloo processes of one thread as
+benchmarks/recovery.py runs them.
 The distilled model is scored as benchmarks/strategy_probe.py scores a compression
 (:class:`vac.search.decide.Decision`): PPL on the search split of every text in ``DECISION_TEXTS`` and
 chat fidelity on the ``search`` prompts; figure of merit the geometric mean of the PPL ratios
@@ -50,7 +51,11 @@ def main(argv=None):
     ap.add_argument("--student", type=Path, required=True, help="the compressed checkpoint folder to distill")
     ap.add_argument("--candidates", nargs="+", type=json.loads, default=[{}],
                     help="vac distill options as JSON objects ({} = its defaults)")
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget of each candidate")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=10.0, help="training time budget of each candidate")
+    budget.add_argument("--steps", type=int, default=None,
+                        help="a fixed number of steps per candidate instead of --minutes (the same schedule "
+                        "for every candidate however busy the machine is)")
     ap.add_argument("--windows", type=int, default=20, help="search windows per text (512 tokens)")
     ap.add_argument("--nproc", type=int, default=2, help="distillation processes (torchrun, DDP on gloo)")
     ap.add_argument("--work", type=Path, default=None, help="folder of the runs [~/.cache/vac/bench/recovery_probe]")
@@ -67,8 +72,8 @@ def main(argv=None):
 
     torch.set_num_threads(2)
     decision = Decision(args.results, args.windows, ratio=None)
-    common = ["--teacher", DEFAULT_MODEL, "--max-minutes", str(args.minutes), "--steps", "100000",
-              "--eval", "", *args.rest]
+    budget = ["--steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes), "--steps", "100000"]
+    common = ["--teacher", DEFAULT_MODEL, *budget, "--eval", "", *args.rest]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(args.nproc), "-m", "vac.cli"] if args.nproc > 1 else [sys.executable, "-m", "vac.cli"]
     for settings in args.candidates:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from conftest import VOCAB, tiny_llama, tiny_tokenizer, tokens
 
 from vac import checkpoint
@@ -18,16 +19,15 @@ from vac.models.layers import factorize_
 from vac.recover.data import DataMix, Samples, builtin_chat, check_no_overlap, read_chat_jsonl, render_chat
 from vac.recover.distill import (
     DistillConfig,
-    chunked_kd_sums,
-    combine,
     fill_teacher_cache,
     freeze_,
-    kd_loss,
     load_snapshot,
     lr_lambda,
     param_groups,
     run_distill,
 )
+
+from vac.recover.loss import combine, head_kd_loss, kd_loss, kd_sums
 
 SEQ = 16
 
@@ -127,34 +127,69 @@ def _saved_bytes(fn):
     return sum(storages.values()), out
 
 
+@pytest.mark.parametrize("head_kind", ["dense", "factorized"])
 @pytest.mark.parametrize("teacher_kind", ["full", "topk"])
-def test_chunked_loss_equals_the_whole_loss_and_keeps_one_chunk(teacher_kind):
+def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_kind):
+    """head_kd_loss on hidden states = kd_sums on the head's whole logits (values and gradients, to the
+    hidden states and the head's parameters), and nothing of the size of the logits is kept for the
+    backward pass."""
+    from vac.checkpoint.hf.modeling_vac import LowRankLinear
+
     g = torch.Generator().manual_seed(0)
-    b, positions, vocab = 2, 40, 512
-    logits = torch.randn(b, positions, vocab, generator=g, requires_grad=True)
+    b, positions, width, vocab = 2, 40, 24, 512
+    torch.manual_seed(0)
+    head = nn.Linear(width, vocab, bias=True) if head_kind == "dense" else LowRankLinear(width, vocab, 6, bias=True)
+    teacher_head = nn.Linear(width, vocab, bias=False)
+    hidden = torch.randn(b, positions, width, generator=g, requires_grad=True)
+    teacher_hidden = torch.randn(b, positions, width, generator=g)
     targets = torch.randint(0, vocab, (b, positions), generator=g)
     mask = torch.ones(b, positions, dtype=torch.bool)
     mask[1, 30:] = False  # a padded tail, as chat samples have
-    teacher = torch.randn(b, positions, vocab, generator=g)
-    kw = {"teacher_logits": teacher} if teacher_kind == "full" else {"teacher_topk": teacher.topk(64, dim=-1)}
+    teacher = teacher_head(teacher_hidden).detach()
+    topk = teacher.topk(64, dim=-1)
+    params = [hidden, *head.parameters()]
 
-    def run(chunk):
-        logits.grad = None
-        saved, (kl, nll, n) = _saved_bytes(lambda: chunked_kd_sums(logits, targets, mask, 2.0, chunk=chunk, **kw))
-        combine(kl, nll, n, 2.0, 0.5).backward()
-        return saved, kl.item(), nll.item(), n, logits.grad.clone()
+    def grads():
+        out = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
 
-    saved_whole, *whole = run(0)
-    saved_chunked, *chunked = run(8)
-    assert chunked[2] == whole[2] == 70
-    assert chunked[0] == pytest.approx(whole[0], rel=1e-6) and chunked[1] == pytest.approx(whole[1], rel=1e-6)
-    torch.testing.assert_close(chunked[3], whole[3], rtol=1e-5, atol=1e-6)
-    # the whole loss keeps [70, vocab] fp32 copies (log-softmaxes, ...); the chunked one only its inputs
-    # (the logits and the teacher's tensors, sliced as views) and a few scalars
-    inputs = logits.numel() * 4 + sum(t.untyped_storage().nbytes() for t in kw.get("teacher_topk", ())) + (
-        teacher.numel() * 4 if teacher_kind == "full" else 0)
-    assert saved_whole > 2 * 70 * vocab * 4
-    assert saved_chunked - inputs < 1024, (saved_chunked, inputs)
+    kw = {"teacher_logits": teacher} if teacher_kind == "full" else {"teacher_topk": topk}
+    kl, nll, n = kd_sums(head(hidden), targets, mask, 2.0, **kw)
+    combine(kl, nll, n, 2.0, 0.25).backward()
+    whole = grads()
+    kw = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head} if teacher_kind == "full" else {
+        "teacher_topk": topk}
+    saved, (loss, kl2, nll2, n2) = _saved_bytes(lambda: head_kd_loss(
+        hidden, head, targets, mask, 2.0, 0.25 * 4.0 / 70, 0.75 / 70, chunk=16, **kw))
+    loss.backward()
+    fused = grads()
+    assert n2 == n == 70
+    assert kl2.item() == pytest.approx(kl.item(), rel=1e-6) and nll2.item() == pytest.approx(nll.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(combine(kl, nll, n, 2.0, 0.25).item(), rel=1e-6)
+    for a, c in zip(fused, whole):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    # kept for the backward pass: the gradients (hidden states, the head's linear) and the gather's
+    # inputs, never [70, vocab] logits
+    assert saved < 70 * vocab * 4, saved
+
+
+def test_head_loss_follows_autocast():
+    """Under bf16 autocast the logits are computed in bf16 (as the head itself would be): the sums
+    differ from fp32's by rounding only, and the gradient keeps the parameter's dtype."""
+    g = torch.Generator().manual_seed(1)
+    head = nn.Linear(16, 128, bias=False)
+    hidden = torch.randn(1, 12, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 128, (1, 12), generator=g)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    topk = torch.randn(1, 12, 128, generator=g).topk(8, dim=-1)
+    exact = head_kd_loss(hidden, head, targets, mask, 1.0, 0.5, 0.5, teacher_topk=topk, chunk=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head_kd_loss(hidden, head, targets, mask, 1.0, 0.5, 0.5, teacher_topk=topk, chunk=5)
+    assert low[0].item() != exact[0].item() and low[0].item() == pytest.approx(exact[0].item(), rel=2e-2)
+    low[0].backward()
+    assert head.weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- parameter groups
@@ -694,9 +729,9 @@ def test_memory_plan_counts_the_real_parameters():
                and n.endswith("_proj")]
     assert len(linears) == 2 * 7 and net.linear_params == sum(p.numel() for m in linears for p in m.parameters())
     one = distill_bytes(net, net, world=1, fsdp=True, bf16=False, grad_checkpoint=False, micro_batch=2, seq_len=16,
-                        loss_chunk=0, top_k=8, cached_teacher=True)
+                        loss_chunk=128, top_k=8, cached_teacher=True)
     four = distill_bytes(net, net, world=4, fsdp=True, bf16=False, grad_checkpoint=False, micro_batch=2, seq_len=16,
-                         loss_chunk=0, top_k=8, cached_teacher=True)
+                         loss_chunk=128, top_k=8, cached_teacher=True)
     assert one["weights"] == net.params * 4 and four["weights"] == net.params  # sharded over 4 ranks
     assert one["adam"] == 2 * net.linear_params * 4 and one["teacher"] == 0
 

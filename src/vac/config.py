@@ -278,7 +278,7 @@ class DistillConfig:
     # all-gathered, fp32 gradient reduction), otherwise autocast
     bf16: bool = False
     grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
-    loss_chunk: int = DISTILL_LOSS_CHUNK  # positions per chunk of the loss (0: the whole sequence at once), see chunked_kd_sums
+    loss_chunk: int = DISTILL_LOSS_CHUNK  # scored tokens per chunk of the loss (the LM head applied per chunk), see head_kd_loss
     snapshot_every: int = 0  # write the trainable parameters every N steps (run_distill's snapshots folder; 0: never)
 
     def check(self) -> None:
@@ -296,8 +296,8 @@ class DistillConfig:
             raise VacError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise VacError(f"--max-minutes must be positive, got {self.max_minutes}")
-        if self.loss_chunk < 0:
-            raise VacError(f"--loss-chunk must be >= 0, got {self.loss_chunk}")
+        if self.loss_chunk <= 0:
+            raise VacError(f"--loss-chunk must be positive, got {self.loss_chunk}")
         if self.snapshot_every < 0:
             raise VacError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
 

@@ -71,8 +71,8 @@ def distill(
                               "MixedPrecisionPolicy, fp32 gradient reduction; otherwise autocast); GPUs"),
     grad_checkpoint: bool = typer.Option(DistillConfig.grad_checkpoint, "--grad-checkpoint", help="recompute each decoder layer in the "
                                          "backward (activation checkpointing): less memory, ~1/3 more compute"),
-    loss_chunk: int = typer.Option(DistillConfig.loss_chunk, help="positions per chunk of the KL/NLL, each "
-                                   "checkpointed (0: the whole sequence at once; memory, not results)"),
+    loss_chunk: int = typer.Option(DistillConfig.loss_chunk, help="scored tokens per chunk of the KL/NLL: the LM "
+                                   "head is applied a chunk at a time (memory, not results)"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda [default: cuda when available]"),
     seed: int = typer.Option(DistillConfig.seed, help="data order seed"),
     eval_data: str = typer.Option(DEFAULT_EVAL, "--eval", help="held-out text for PPL before/after ('' to skip)"),

@@ -62,7 +62,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_write, write_json
@@ -73,84 +72,7 @@ from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
 from .data import DataMix
-
-# ============================================================================ loss
-
-
-def kd_sums(student_logits, targets, mask, temperature, teacher_logits=None, teacher_topk=None):
-    """Sums over the scored positions: ``(kl_sum, nll_sum, n)``.
-
-    All tensors are aligned on prediction positions: ``student_logits`` [b, P, V] predicts
-    ``targets`` [b, P]; ``mask`` [b, P] marks scored positions. The teacher is either full logits
-    [b, P, V] (full-vocabulary KL) or ``(values, indices)`` [b, P, k] (KL on the renormalized top-k
-    support, see the module docstring).
-    """
-    mask = mask.bool()
-    s = student_logits[mask].float()
-    nll = F.cross_entropy(s, targets[mask], reduction="sum")
-    if teacher_logits is not None:
-        t = teacher_logits[mask].float()
-    elif teacher_topk is not None:
-        values, indices = teacher_topk
-        t = values[mask].float()
-        s = s.gather(-1, indices[mask].long())
-    else:
-        raise ValueError("kd_sums needs teacher_logits or teacher_topk")
-    log_p = F.log_softmax(t / temperature, dim=-1)
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum()
-    return kl, nll, int(mask.sum())
-
-
-def chunked_kd_sums(student_logits, targets, mask, temperature, teacher_logits=None, teacher_topk=None,
-                    chunk: int = 128):
-    """:func:`kd_sums` over chunks of ``chunk`` positions, each under activation checkpointing.
-
-    kd_sums upcasts the scored logits to fp32 and keeps several [N, V] intermediates (log-softmax of
-    student and teacher, their difference) for the backward pass: at 7B (vocabulary 100k, 2048
-    positions, batch 4) that is tens of GB. Here the fp32 copies exist for one chunk at a time and
-    are recomputed in the backward pass from the chunk's slice of the logits (a view, no copy), so
-    the loss adds O(chunk·V) memory instead of O(b·P·V). Same sums as kd_sums up to rounding.
-    ``chunk`` 0 or at least P: kd_sums itself. (Fused linear-cross-entropy kernels from maintained
-    libraries, e.g. Liger's, were considered: they fuse the LM head too but have no top-k KL and no
-    CPU path.)"""
-    positions = student_logits.shape[1]
-    if chunk <= 0 or chunk >= positions:
-        return kd_sums(student_logits, targets, mask, temperature, teacher_logits, teacher_topk)
-    from torch.utils.checkpoint import checkpoint
-
-    def part(s, t, m, teacher, values, indices):
-        topk = None if values is None else (values, indices)
-        kl, nll, _ = kd_sums(s, t, m, temperature, teacher, topk)
-        return kl, nll
-
-    kl_sum = nll_sum = student_logits.new_zeros((), dtype=torch.float32)
-    n = 0
-    for a in range(0, positions, chunk):
-        cut = slice(a, a + chunk)
-        m = mask[:, cut]
-        count = int(m.sum())
-        if not count:
-            continue
-        teacher = None if teacher_logits is None else teacher_logits[:, cut]
-        values, indices = (None, None) if teacher_topk is None else (teacher_topk[0][:, cut], teacher_topk[1][:, cut])
-        kl, nll = checkpoint(part, student_logits[:, cut], targets[:, cut], m, teacher, values, indices,
-                             use_reentrant=False)
-        kl_sum, nll_sum, n = kl_sum + kl, nll_sum + nll, n + count
-    return kl_sum, nll_sum, n
-
-
-def combine(kl_sum, nll_sum, n_tokens, temperature, alpha):
-    """``α·T²·kl_sum/N + (1−α)·nll_sum/N``: the per-token loss of a batch with N scored positions."""
-    return (alpha * temperature**2 * kl_sum + (1.0 - alpha) * nll_sum) / max(n_tokens, 1)
-
-
-def kd_loss(student_logits, targets, mask, temperature=1.0, alpha=0.5, teacher_logits=None,
-            teacher_topk=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mean KL, mean NLL) of one batch, both terms averaged per scored token."""
-    kl, nll, n = kd_sums(student_logits, targets, mask, temperature, teacher_logits, teacher_topk)
-    return combine(kl, nll, n, temperature, alpha), kl / max(n, 1), nll / max(n, 1)
-
+from .loss import head_kd_loss
 
 # ============================================================================ teacher
 
@@ -570,6 +492,7 @@ def run_distill(
     group_names = [g["name"] for g in optimizer.param_groups]
     base = group_names.index("mlp") if "mlp" in group_names else 0
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    head = student.get_output_embeddings()  # applied by the loss, per chunk (the wrappers hold the same module)
 
     bar = tqdm(total=plan["steps"], initial=step, desc="distill", unit="step", disable=not (progress and env.main),
                dynamic_ncols=True)
@@ -578,6 +501,9 @@ def run_distill(
         t0 = time.perf_counter()
         ids, mask = mix.batch(step * cfg.batch_size, cfg.batch_size)
         n_scored = int(mask[:, 1:].sum())
+        # combine()'s per-token loss of the global batch, times the world size (DDP/FSDP average over ranks)
+        kl_weight = cfg.alpha * cfg.temperature**2 * env.world / max(n_scored, 1)
+        nll_weight = (1.0 - cfg.alpha) * env.world / max(n_scored, 1)
         lo = env.rank * per_rank
         sums = torch.zeros(3, dtype=torch.float64)
         for m in range(cfg.grad_accum):
@@ -585,17 +511,10 @@ def run_distill(
             x, xm = ids[rows].to(device), mask[rows].to(device)
             sync = m == cfg.grad_accum - 1
             with _no_sync(model, cfg, env, sync), _autocast(cfg, device):
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-                targets, smask = x[:, 1:], xm[:, 1:]
-                if cache is not None:
-                    kl, nll, n = chunked_kd_sums(logits, targets, smask, cfg.temperature,
-                                                 teacher_topk=cache.get(x, xm, device), chunk=cfg.loss_chunk)
-                else:
-                    with torch.no_grad():
-                        t_logits = get_teacher()(input_ids=x, use_cache=False).logits[:, :-1]
-                    kl, nll, n = chunked_kd_sums(logits, targets, smask, cfg.temperature, teacher_logits=t_logits,
-                                                 chunk=cfg.loss_chunk)
-                loss = combine(kl, nll, n_scored, cfg.temperature, cfg.alpha) * env.world
+                hidden = _final_hidden(model, x)
+                teacher = {"teacher_topk": cache.get(x, xm, device)} if cache is not None else _teacher_side(get_teacher(), x)
+                loss, kl, nll, _ = head_kd_loss(hidden, head, x[:, 1:], xm[:, 1:], cfg.temperature, kl_weight,
+                                                nll_weight, chunk=cfg.loss_chunk, **teacher)
             loss.backward()
             sums += torch.tensor([kl.item(), nll.item(), float(xm.sum())], dtype=torch.float64)
         if env.on:
@@ -765,6 +684,20 @@ def _planned_steps(cfg: DistillConfig, step: int, seconds: float, timed_from: fl
     per_step = (seconds - timed_from) / timed_steps if timed_steps > 0 else seconds
     remaining = cfg.max_minutes * 60 - seconds  # type: ignore[operator]
     return int(min(cfg.steps, max(step, step + remaining // max(per_step, 1e-9))))
+
+
+def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final (normed) hidden states [b, L-1, H] that predict tokens 1..L-1, through the model's
+    (or its DDP/FSDP wrapper's) forward; the head runs on one position only (``logits_to_keep=1``): the
+    loss applies it per chunk (:func:`vac.recover.loss.head_kd_loss`)."""
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, :-1]
+
+
+def _teacher_side(teacher: nn.Module, ids: torch.Tensor) -> dict:
+    """head_kd_loss's teacher arguments for a live teacher: its final hidden states and its head."""
+    with torch.no_grad():
+        return {"teacher_hidden": _final_hidden(teacher, ids), "teacher_head": teacher.get_output_embeddings()}
 
 
 def _perplexity(model, windows, cfg, progress) -> dict:

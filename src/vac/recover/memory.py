@@ -6,9 +6,10 @@ with FSDP2 the parameters of the layer being computed and the next one (prefetch
 (embeddings, final norm, head) all-gathered in the compute dtype; the teacher in the compute dtype
 (sharded likewise, or none with a teacher cache); the activations a micro-batch keeps for the backward
 (every layer's, or with ``--grad-checkpoint`` each layer's input plus one layer's during its recompute)
-and the larger of the backward's working set and the teacher forward's widest transients; the student's
-logits and their gradient, the teacher's logits (or its cached top-k) and one chunk of the loss in
-fp32 (:func:`vac.recover.distill.chunked_kd_sums`). Saved activations per token and layer are taken as
+and the larger of the backward's working set and the teacher forward's widest transients; the loss
+(:func:`vac.recover.loss.head_kd_loss`): the scored tokens' hidden states and their gradient, the
+teacher's hidden states (or its cached top-k), the head's gradient in fp32 when the head trains, and one
+chunk's logits and softmaxes in fp32 (the whole logits never exist). Saved activations per token and layer are taken as
 ``10·hidden + 4·intermediate`` values (the two norms' inputs and outputs, q/k/v and the rotated q/k,
 the attention output, gate/up/activation/product of the MLP; what autograd's saved-tensor hooks count
 on a Llama layer); attention is assumed memory-efficient (no seq² term), as
@@ -95,9 +96,16 @@ def distill_bytes(student: Net, teacher: Net | None, *, world: int, fsdp: bool, 
         # the widest activations) or, before it, the teacher's transients
         working = tokens * (2 * student.hidden + 2 * student.inter) * cb
         terms["activations"] = student.layers * per_layer + max(working, teacher_forward)
-    chunk = seq_len if loss_chunk <= 0 else min(loss_chunk, seq_len)
-    teacher_logits = tokens * top_k * (FP32 + 8) if cached_teacher else tokens * student.vocab * cb
-    terms["logits"] = 2 * tokens * student.vocab * cb + teacher_logits + 3 * micro_batch * chunk * student.vocab * FP32
+    chunk = min(loss_chunk, tokens)
+    live = not cached_teacher and teacher is not None
+    # the teacher's final hidden states and their scored rows, or the cached values (fp32) and ids (int64)
+    # with their scored rows; one chunk: the student's logits and softmax (the gradient in place), with a
+    # live teacher also its logits, log-softmax, probabilities, the student's log-softmax over the
+    # vocabulary and the KL's temporaries; with a cache those are [chunk, k]
+    teacher_side = 2 * tokens * teacher.hidden * cb if live else 2 * tokens * top_k * (FP32 + 8)
+    working = (8 if live else 3) * chunk * student.vocab * FP32
+    head_grad = 2 * student.vocab * student.hidden * FP32 if train_embeddings else 0  # fp32 sum and its copy
+    terms["logits"] = 3 * tokens * student.hidden * cb + teacher_side + working + head_grad
     # the gradients of the trainable parameters fill up during the backward while it frees the saved
     # activations layer by layer: without checkpointing the peak is the larger of the start (all
     # activations) and the end (all gradients and one layer's activations); with checkpointing the
