@@ -127,7 +127,7 @@ def _saved_bytes(fn):
     return sum(storages.values()), out
 
 
-@pytest.mark.parametrize("head_kind", ["dense", "factorized"])
+@pytest.mark.parametrize("head_kind", ["dense", "factorized", "soft-capped"])
 @pytest.mark.parametrize("teacher_kind", ["full", "topk"])
 def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_kind):
     """head_kd_loss on hidden states = kd_sums on the head's whole logits (values and gradients, to the
@@ -138,7 +138,8 @@ def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_
     g = torch.Generator().manual_seed(0)
     b, positions, width, vocab = 2, 40, 24, 512
     torch.manual_seed(0)
-    head = nn.Linear(width, vocab, bias=True) if head_kind == "dense" else LowRankLinear(width, vocab, 6, bias=True)
+    head = LowRankLinear(width, vocab, 6, bias=True) if head_kind == "factorized" else nn.Linear(width, vocab, bias=True)
+    cap = 2.0 if head_kind == "soft-capped" else None  # Gemma's final_logit_softcapping
     teacher_head = nn.Linear(width, vocab, bias=False)
     hidden = torch.randn(b, positions, width, generator=g, requires_grad=True)
     teacher_hidden = torch.randn(b, positions, width, generator=g)
@@ -156,13 +157,14 @@ def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_
         return out
 
     kw = {"teacher_logits": teacher} if teacher_kind == "full" else {"teacher_topk": topk}
-    kl, nll, n = kd_sums(head(hidden), targets, mask, 2.0, **kw)
+    logits = head(hidden) if cap is None else cap * torch.tanh(head(hidden) / cap)
+    kl, nll, n = kd_sums(logits, targets, mask, 2.0, **kw)
     combine(kl, nll, n, 2.0, 0.25).backward()
     whole = grads()
     kw = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head} if teacher_kind == "full" else {
         "teacher_topk": topk}
     saved, (loss, kl2, nll2, n2) = _saved_bytes(lambda: head_kd_loss(
-        hidden, head, targets, mask, 2.0, 0.25 * 4.0 / 70, 0.75 / 70, chunk=16, **kw))
+        hidden, head, targets, mask, 2.0, 0.25 * 4.0 / 70, 0.75 / 70, chunk=16, softcap=cap, **kw))
     loss.backward()
     fused = grads()
     assert n2 == n == 70

@@ -104,3 +104,23 @@ def test_low_rank_linear_merges_back_to_dense():
     x = torch.randn(3, 160)
     torch.testing.assert_close(dense(x), low(x), atol=1e-5, rtol=1e-5)
     assert checkpoint.rank_map(model) == {"model.layers.0.mlp.down_proj": 12}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_distillation_loss_from_hidden_states_matches_the_logits(name):
+    """The distillation loss takes each family's final hidden states through its forward and applies
+    the head (and Gemma's final soft cap) itself: the same KL/NLL as on the model's own logits."""
+    from vac.recover.distill import _final_hidden, _softcap
+    from vac.recover.loss import head_kd_loss, kd_sums
+
+    model = tiny(name)
+    ids = tokens(2, 24)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        teacher = logits.flip(-1)  # any other distribution over the vocabulary
+        kl, nll, n = kd_sums(logits, ids[:, 1:], mask, 1.0, teacher_topk=teacher.topk(8, dim=-1))
+        _, kl2, nll2, n2 = head_kd_loss(_final_hidden(model, ids), model.get_output_embeddings(), ids[:, 1:], mask,
+                                        1.0, 0.5, 0.5, teacher_topk=teacher.topk(8, dim=-1), chunk=7,
+                                        softcap=_softcap(model))
+    assert n2 == n and kl2.item() == pytest.approx(kl.item(), rel=1e-4) and nll2.item() == pytest.approx(nll.item(), rel=1e-5)

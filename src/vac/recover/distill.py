@@ -493,6 +493,7 @@ def run_distill(
     base = group_names.index("mlp") if "mlp" in group_names else 0
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     head = student.get_output_embeddings()  # applied by the loss, per chunk (the wrappers hold the same module)
+    softcap = _softcap(student)
 
     bar = tqdm(total=plan["steps"], initial=step, desc="distill", unit="step", disable=not (progress and env.main),
                dynamic_ncols=True)
@@ -514,7 +515,7 @@ def run_distill(
                 hidden = _final_hidden(model, x)
                 teacher = {"teacher_topk": cache.get(x, xm, device)} if cache is not None else _teacher_side(get_teacher(), x)
                 loss, kl, nll, _ = head_kd_loss(hidden, head, x[:, 1:], xm[:, 1:], cfg.temperature, kl_weight,
-                                                nll_weight, chunk=cfg.loss_chunk, **teacher)
+                                                nll_weight, chunk=cfg.loss_chunk, softcap=softcap, **teacher)
             loss.backward()
             sums += torch.tensor([kl.item(), nll.item(), float(xm.sum())], dtype=torch.float64)
         if env.on:
@@ -697,7 +698,13 @@ def _final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _teacher_side(teacher: nn.Module, ids: torch.Tensor) -> dict:
     """head_kd_loss's teacher arguments for a live teacher: its final hidden states and its head."""
     with torch.no_grad():
-        return {"teacher_hidden": _final_hidden(teacher, ids), "teacher_head": teacher.get_output_embeddings()}
+        return {"teacher_hidden": _final_hidden(teacher, ids), "teacher_head": teacher.get_output_embeddings(),
+                "teacher_softcap": _softcap(teacher)}
+
+
+def _softcap(model: nn.Module) -> float | None:
+    """The soft cap applied to the head's output (Gemma 2/3's ``final_logit_softcapping``), or None."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
 
 
 def _perplexity(model, windows, cfg, progress) -> dict:

@@ -73,6 +73,10 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
+def _capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if not cap else torch.tanh(z / cap).mul_(cap)
+
+
 class _HeadKD(torch.autograd.Function):
     """``kl_weight·KL_sum + nll_weight·NLL_sum`` of the logits ``x @ weightᵀ + bias`` over chunks of
     rows; each chunk's gradient is taken in the forward pass (closed form below), so the backward pass
@@ -80,11 +84,12 @@ class _HeadKD(torch.autograd.Function):
 
     With student logits s and q = softmax(s/T) over the KL's support (the vocabulary, or the teacher's
     top-k ids), p the teacher's softmax(t/T) there: ∂KL/∂s = (q − p)/T on the support; ∂NLL/∂s =
-    softmax(s) − onehot(target)."""
+    softmax(s) − onehot(target). With a final soft cap c (Gemma 2/3: s = c·tanh(z/c) of the head's
+    output z) the gradient is multiplied by ∂s/∂z = 1 − (s/c)²."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, teacher_x, teacher_weight, teacher_bias, topk_values, topk_indices,
-                temperature, kl_weight, nll_weight, chunk, dtype):
+                temperature, kl_weight, nll_weight, chunk, dtype, softcap, teacher_softcap):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
         grad_x = torch.empty_like(x) if want_x else None
@@ -98,12 +103,12 @@ class _HeadKD(torch.autograd.Function):
         for a in range(0, x.shape[0], chunk):
             rows = slice(a, a + chunk)
             xc = x[rows].to(dtype)
-            s = F.linear(xc, w, b).float()
+            s = _capped(F.linear(xc, w, b).float(), softcap)
             y = targets[rows]
             log_soft = F.log_softmax(s, dim=-1)
             nll_sum += -log_soft.gather(-1, y[:, None]).sum().double()
             if teacher_x is not None:
-                t = F.linear(teacher_x[rows].to(dtype), tw, tb).float()
+                t = _capped(F.linear(teacher_x[rows].to(dtype), tw, tb).float(), teacher_softcap)
                 support = None
                 s_kl = s
             else:
@@ -123,6 +128,8 @@ class _HeadKD(torch.autograd.Function):
                 d += d_kl
             else:
                 d.scatter_add_(-1, support, d_kl)
+            if softcap:
+                d.mul_(1.0 - (s / softcap).square())
             d = d.to(dtype)
             if want_x:
                 grad_x[rows] = (d @ w).to(x.dtype)
@@ -140,11 +147,12 @@ class _HeadKD(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl, _grad_nll):
         grad_x, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_x), scale(grad_w), scale(grad_b), *([None] * 11)
+        return scale(grad_x), scale(grad_w), scale(grad_b), *([None] * 13)
 
 
 def head_kd_loss(hidden, head, targets, mask, temperature, kl_weight, nll_weight, *, teacher_hidden=None,
-                 teacher_head=None, teacher_topk=None, chunk: int = 128):
+                 teacher_head=None, teacher_topk=None, chunk: int = 128, softcap: float | None = None,
+                 teacher_softcap: float | None = None):
     """``(loss, kl_sum, nll_sum, n)`` of one micro-batch from final hidden states: ``loss =
     kl_weight·KL_sum + nll_weight·NLL_sum`` over the scored positions, the same sums as :func:`kd_sums`
     on ``head(hidden)`` (up to rounding), with the head applied ``chunk`` scored tokens at a time.
@@ -152,7 +160,8 @@ def head_kd_loss(hidden, head, targets, mask, temperature, kl_weight, nll_weight
     ``hidden`` [b, P, H] predicts ``targets`` [b, P] where ``mask`` [b, P]; the teacher is either its
     final hidden states ``teacher_hidden`` [b, P, H'] with its ``teacher_head``, or ``teacher_topk``
     ``(values, indices)`` [b, P, k]. Only ``loss`` carries gradients (to ``hidden`` and the head's
-    parameters). The logits are computed in the autocast dtype when autocast is on (as the head itself
+    parameters). ``softcap``/``teacher_softcap``: the model's ``final_logit_softcapping`` (applied to
+    the head's output, as Gemma 2/3 do). The logits are computed in the autocast dtype when autocast is on (as the head itself
     would be), else in the head's dtype; the softmaxes and sums in fp32.
     """
     if chunk <= 0:
@@ -175,5 +184,5 @@ def head_kd_loss(hidden, head, targets, mask, temperature, kl_weight, nll_weight
     with torch.autocast(device_type, enabled=False):
         loss, kl_sum, nll_sum = _HeadKD.apply(x, weight, bias, targets[mask], teacher_x, teacher_weight, teacher_bias,
                                               values, indices, float(temperature), float(kl_weight),
-                                              float(nll_weight), int(chunk), dtype)
+                                              float(nll_weight), int(chunk), dtype, softcap, teacher_softcap)
     return loss, kl_sum, nll_sum, n
