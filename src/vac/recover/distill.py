@@ -12,7 +12,8 @@ so α weighs two quantities of the same scale (the published code summed the KL 
 made it hundreds of times larger than the NLL). Each rank divides its local sums by the global N
 (known to every rank: all ranks build the same global batch and take their slice), and DDP/FSDP
 average gradients over ranks, so local losses are multiplied by the world size: the gradient equals
-that of the single-process loss on the same global batch.
+that of the single-process loss on the same global batch. The loss is computed from the final hidden
+states by :func:`vac.recover.loss.head_kd_loss`, which applies the LM head a chunk of tokens at a time.
 
 Teacher logits come either live (the teacher runs in the same process, full-vocabulary KL) or from a
 top-k cache on disk (``teacher_cache``): for every position the ``k`` largest teacher logits (float16)
