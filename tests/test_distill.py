@@ -27,7 +27,7 @@ from vac.recover.distill import (
     run_distill,
 )
 
-from vac.recover.loss import combine, head_kd_loss, kd_loss, kd_sums
+from vac.recover.loss import combine, head_kd_loss, kd_loss, kd_sums, top_logits
 
 SEQ = 16
 
@@ -175,6 +175,17 @@ def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_
     # kept for the backward pass: the gradients (hidden states, the head's linear) and the gather's
     # inputs, never [70, vocab] logits
     assert saved < 70 * vocab * 4, saved
+
+
+def test_top_logits_per_chunk_are_the_whole_logits_top_k():
+    g = torch.Generator().manual_seed(2)
+    head = nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(2, 21, 16, generator=g)
+    for cap in (None, 3.0):
+        logits = head(hidden) if cap is None else 3.0 * torch.tanh(head(hidden) / 3.0)
+        values, indices = top_logits(hidden, head, 8, chunk=5, softcap=cap)
+        whole = logits.detach().topk(8, dim=-1)
+        assert torch.equal(indices, whole.indices) and torch.allclose(values, whole.values, atol=1e-6)
 
 
 def test_head_loss_follows_autocast():

@@ -73,7 +73,7 @@ from ..errors import VacError
 from ..faults import kill_point
 from ..models.families import arch_for
 from .data import DataMix
-from .loss import head_kd_loss
+from .loss import head_kd_loss, top_logits
 
 # ============================================================================ teacher
 
@@ -129,8 +129,8 @@ class TopKCache:
             self.misses += len(missing)
             teacher = self.teacher
             with torch.no_grad():
-                logits = teacher(input_ids=ids[missing].to(device), use_cache=False).logits[:, :-1].float()
-                values, indices = logits.topk(self.k, dim=-1)
+                values, indices = top_logits(_final_hidden(teacher, ids[missing].to(device)),
+                                             teacher.get_output_embeddings(), self.k, softcap=_softcap(teacher))
             for j, i in enumerate(missing):
                 entry = (values[j].half().cpu(), indices[j].int().cpu())
                 buffer = io.BytesIO()

@@ -186,3 +186,16 @@ def head_kd_loss(hidden, head, targets, mask, temperature, kl_weight, nll_weight
                                               values, indices, float(temperature), float(kl_weight),
                                               float(nll_weight), int(chunk), dtype, softcap, teacher_softcap)
     return loss, kl_sum, nll_sum, n
+
+
+@torch.no_grad()
+def top_logits(hidden, head, k: int, chunk: int = 128, softcap: float | None = None):
+    """``(values, indices)`` [b, P, k]: the ``k`` largest logits of ``head(hidden)`` (soft-capped
+    when the model caps them) and their ids, the head applied ``chunk`` positions at a time, so a
+    teacher cache pass never holds [b, P, vocabulary] logits either."""
+    values, indices = [], []
+    for a in range(0, hidden.shape[1], chunk):
+        top = _capped(head(hidden[:, a:a + chunk]).float(), softcap).topk(k, dim=-1)
+        values.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(values, 1), torch.cat(indices, 1)
