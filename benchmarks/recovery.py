@@ -92,7 +92,18 @@ def main(argv=None):
     distill_cmd = [*launcher, "distill", str(student), "--teacher", args.model,
                    "--out", str(distilled), "--max-minutes", str(args.minutes), "--steps", str(args.max_steps),
                    *eval_opts, *distill_args]
+    # the work folder is reused by a rerun only for the same distillation: a finished run of other options
+    # would otherwise be scored as this one
+    command_file = work / f"{student.name}-distilled.command"
+    if command_file.is_file() and command_file.read_text() != shlex.join(distill_cmd):
+        sys.exit(f"error: {distilled} holds a distillation of another command ({command_file}); "
+                 "pass another --work folder")
+    if (distilled / "distill.json").is_file() and not command_file.is_file():
+        sys.exit(f"error: {distilled} holds a distillation of an unknown command; pass another --work folder")
     if not (distilled / "distill.json").is_file():
+        from vac.atomic import atomic_write
+
+        atomic_write(command_file, shlex.join(distill_cmd))
         run(distill_cmd)
     report = json.loads((distilled / "distill.json").read_text())
 

@@ -23,9 +23,10 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from vac.config import DEFAULT_MODEL
+from vac.config import DEFAULT_MODEL, DistillConfig
 from vac.search.decide import Decision
 
 RESULTS = Path(__file__).parent / "results" / "recovery_probe.json"
@@ -72,12 +73,15 @@ def main(argv=None):
 
     torch.set_num_threads(2)
     decision = Decision(args.results, args.windows, ratio=None)
+    defaults = asdict(DistillConfig())
     budget = ["--steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes), "--steps", "100000"]
     common = ["--teacher", DEFAULT_MODEL, *budget, "--eval", "", *args.rest]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(args.nproc), "-m", "vac.cli"] if args.nproc > 1 else [sys.executable, "-m", "vac.cli"]
     for settings in args.candidates:
-        key = json.dumps({"student": str(args.student), "options": flags(settings) + common})
+        # the defaults a candidate's options apply over are part of it: `{}` after a default changed is
+        # another candidate
+        key = json.dumps({"student": str(args.student), "options": flags(settings) + common, "defaults": defaults})
         if key in decision.entries:
             continue
         out = work / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -87,7 +91,7 @@ def main(argv=None):
             if subprocess.run(cmd).returncode:
                 sys.exit(f"command failed: {shlex.join(cmd)}")
         report = json.loads((out / "distill.json").read_text())
-        decision.score(key, checkpoint.load(out)[0], settings=settings, command=shlex.join(cmd),
+        decision.score(key, checkpoint.load(out)[0], settings=settings, defaults=defaults, command=shlex.join(cmd),
                        minutes=report["minutes"], steps=report["steps"], tokens=report["tokens"])
     table(decision.doc)
 
