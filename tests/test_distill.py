@@ -138,7 +138,8 @@ def test_head_loss_equals_the_whole_loss_and_keeps_no_logits(teacher_kind, head_
     g = torch.Generator().manual_seed(0)
     b, positions, width, vocab = 2, 40, 24, 512
     torch.manual_seed(0)
-    head = LowRankLinear(width, vocab, 6, bias=True) if head_kind == "factorized" else nn.Linear(width, vocab, bias=True)
+    head = (LowRankLinear(width, vocab, 6, bias=True) if head_kind == "factorized"
+            else nn.Linear(width, vocab, bias=True))
     cap = 2.0 if head_kind == "soft-capped" else None  # Gemma's final_logit_softcapping
     teacher_head = nn.Linear(width, vocab, bias=False)
     hidden = torch.randn(b, positions, width, generator=g, requires_grad=True)

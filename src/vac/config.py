@@ -32,7 +32,7 @@ DECISION_TEXTS = ("austen:search", "handbook:search", "gnu:search")
 # refinement of each factorized layer (vac.core.refine): what its factors are fitted to
 REFINE_TARGETS = ("none", "own", "dense")
 REPORT_EVALS = ("austen:eval", "handbook:eval", "gnu:eval")
-# distillation: teacher logits kept per position in a teacher cache; positions per chunk of the loss
+# distillation: teacher logits kept per position in a teacher cache; scored tokens per chunk of the loss
 DISTILL_TOP_K = 64
 DISTILL_LOSS_CHUNK = 128
 # distillation data: the share of chat-formatted samples in the mix and the size of the built-in chat set
@@ -280,7 +280,7 @@ class DistillConfig:
     # all-gathered, fp32 gradient reduction), otherwise autocast
     bf16: bool = False
     grad_checkpoint: bool = False  # recompute each decoder layer in the backward (activation checkpointing)
-    loss_chunk: int = DISTILL_LOSS_CHUNK  # scored tokens per chunk of the loss (the LM head applied per chunk), see head_kd_loss
+    loss_chunk: int = DISTILL_LOSS_CHUNK  # scored tokens per chunk of the loss (head applied per chunk): head_kd_loss
     snapshot_every: int = 0  # write the trainable parameters every N steps (run_distill's snapshots folder; 0: never)
 
     def check(self) -> None:

@@ -514,7 +514,8 @@ def run_distill(
             sync = m == cfg.grad_accum - 1
             with _no_sync(model, cfg, env, sync), _autocast(cfg, device):
                 hidden = _final_hidden(model, x)
-                teacher = {"teacher_topk": cache.get(x, xm, device)} if cache is not None else _teacher_side(get_teacher(), x)
+                teacher = ({"teacher_topk": cache.get(x, xm, device)} if cache is not None
+                           else _teacher_side(get_teacher(), x))
                 loss, kl, nll, _ = head_kd_loss(hidden, head, x[:, 1:], xm[:, 1:], cfg.temperature, kl_weight,
                                                 nll_weight, chunk=cfg.loss_chunk, softcap=softcap, **teacher)
             loss.backward()

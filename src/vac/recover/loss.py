@@ -161,8 +161,8 @@ def head_kd_loss(hidden, head, targets, mask, temperature, kl_weight, nll_weight
     final hidden states ``teacher_hidden`` [b, P, H'] with its ``teacher_head``, or ``teacher_topk``
     ``(values, indices)`` [b, P, k]. Only ``loss`` carries gradients (to ``hidden`` and the head's
     parameters). ``softcap``/``teacher_softcap``: the model's ``final_logit_softcapping`` (applied to
-    the head's output, as Gemma 2/3 do). The logits are computed in the autocast dtype when autocast is on (as the head itself
-    would be), else in the head's dtype; the softmaxes and sums in fp32.
+    the head's output, as Gemma 2/3 do). The logits are computed in the autocast dtype when autocast is
+    on (as the head itself would be), else in the head's dtype; the softmaxes and sums in fp32.
     """
     if chunk <= 0:
         raise VacError(f"--loss-chunk must be positive, got {chunk}")
