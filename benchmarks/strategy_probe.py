@@ -4,12 +4,16 @@ Each candidate (strategy settings over `vac compress`'s defaults: the refinement
 learning rate, the allocation, ...) compresses the embedded default at 1.8x with the other defaults (in
 memory: the same numbers as streamed); the compressed
 model is scored on the search split of each text in ``vac.config.DECISION_TEXTS`` and on chat fidelity
-to the dense model's answers to the ``search`` prompts, as benchmarks/calibration_mix.py does. The figure
+to the dense model's answers to the ``search`` prompts (vac.search.decide). The figure
 of merit is the geometric mean of the PPL ratios compressed/dense. No evaluation split is read. Results →
 results/strategy_probe.json (resumable, one entry per candidate).
 
     .venv/bin/python benchmarks/strategy_probe.py
     .venv/bin/python benchmarks/strategy_probe.py --candidates '{"refine": "own", "refine_lr": 3e-4}'
+
+A candidate's ``calib`` (the calibration text; calib or search splits only) may name ``{self}``: the
+dense model's own chat answers to the calib prompts (vac.data.selftext); the entry keeps the spec as
+written.
 """
 
 from __future__ import annotations
@@ -20,18 +24,31 @@ from pathlib import Path
 
 from vac import CompressConfig
 from vac.config import DECISION_TEXTS
+from vac.data.selftext import cached_self_text
+from vac.data.specs import for_decisions
 from vac.search.decide import Decision
 
 RESULTS = Path(__file__).parent / "results" / "strategy_probe.json"
+_SPLIT_BEFORE = {"attn_ratio": 3.0}  # attention 3.0x at 1.8x: the split share 2.5 before 1.75
+_BEFORE = {"allocation": "depth", "refine": "none", "refine_lr": 1e-4} | _SPLIT_BEFORE  # before refinement
 CANDIDATES = (  # what results/strategy_probe.json holds, over today's defaults
-    {"allocation": "depth", "refine": "none", "refine_lr": 1e-4},  # the defaults before
-    {"allocation": "depth", "refine": "none", "correct": True},
-    {"allocation": "depth", "refine": "own"},
-    {"allocation": "depth", "refine": "own", "refine_lr": 1e-3},
-    {"allocation": "depth"},
-    {"refine": "own"},
+    _BEFORE,
+    # the calibration text, chosen under the defaults before refinement ({self}: see above)
+    _BEFORE | {"calib": "web-bible:calib+shakespeare:calib"},  # the default calibration before
+    _BEFORE | {"calib": "handbook:calib"},
+    _BEFORE | {"calib": "handbook:calib+{self}"},
+    _BEFORE | {"calib": "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
+    {"allocation": "depth", "refine": "none", "correct": True} | _SPLIT_BEFORE,
+    {"allocation": "depth", "refine": "own"} | _SPLIT_BEFORE,
+    {"allocation": "depth", "refine": "own", "refine_lr": 1e-3} | _SPLIT_BEFORE,
+    {"allocation": "depth"} | _SPLIT_BEFORE,
+    {"refine": "own"} | _SPLIT_BEFORE,
+    {"fisher_exponent": 0.5} | _SPLIT_BEFORE,
+    _SPLIT_BEFORE,
+    {"attn_ratio": 3.4},
     {},
-    {"fisher_exponent": 0.5},
+    {"attn_ratio": 2.0},
+    {"calib": "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
 )
 
 
@@ -49,7 +66,15 @@ def main(argv=None):
     for settings in args.candidates:
         cfg = CompressConfig.of(ratio=args.ratio, **settings)
         # keyed by the whole resolved config: an entry stays valid when a default changes
-        decision.run(json.dumps(cfg.resolved().to_dict(), sort_keys=True), cfg, settings=settings)
+        key = json.dumps(cfg.resolved().to_dict(), sort_keys=True)
+        if key in decision.entries:
+            continue
+        calib = cfg.data.calib
+        if "{self}" in calib:  # the cached file's path is this machine's: the key keeps the spec as written
+            calib = calib.format(self=cached_self_text(decision.model, decision.tokenizer, decision.source))
+            cfg = CompressConfig.of(ratio=args.ratio, **(settings | {"calib": calib}))
+        for_decisions(calib, "a calibration candidate")
+        decision.run(key, cfg, settings=settings)
     doc = decision.doc
     table(doc)
 

@@ -106,7 +106,7 @@ def test_config_method_defaults():
     vac = resolved(method="vac")
     assert (vac.allocation, vac.sequential, vac.needs_fisher, vac.needs_inputs) == ("global", True, True, True)
     assert vac.refine == "dense" and StrategyConfig(method="vac", sequential=False).resolved().refine == "none"
-    assert (vac.fisher_exponent, vac.attn_ratio) == (2 / 3, 1 + 2.5 * 0.8)  # attention 3x at --ratio 1.8
+    assert (vac.fisher_exponent, vac.attn_ratio) == (2 / 3, 2.4)  # attention 2.4x at --ratio 1.8
     assert resolved(method="fwsvd").fisher_exponent == 0.5 and resolved(method="whiten").attn_ratio is None
     assert resolved(method="vac", mlp_ratio=1.5).attn_ratio is None  # the free component gets the rest
     svd = resolved(method="svd")

@@ -19,7 +19,7 @@ from typing import Any
 from .errors import VacError
 
 DEFAULT_MODEL = "smollm2-135m"
-# chosen on the search splits by benchmarks/calibration_mix.py (docs/defaults.md); a mix takes an equal
+# chosen on the search splits by benchmarks/strategy_probe.py (docs/defaults.md); a mix takes an equal
 # share of the windows from each part
 DEFAULT_CALIB = "web-bible:calib+shakespeare:calib+handbook:calib"
 DEFAULT_SEARCH = "austen:search"
@@ -87,8 +87,8 @@ class StrategyConfig:
                                          "method's]")
     type_weights: dict[str, float] | None = _opt(None, "curve multipliers per matrix type (q, k, ..., down); "
                                                  "strategy files only", cli=False)
-    attn_ratio: float | None = _opt(None, "fixed budget ratio of the attention linears [vac: 1 + 2.5·(ratio − 1); "
-                                    "pass the --ratio value for no split]")
+    attn_ratio: float | None = _opt(None, "fixed budget ratio of the attention linears [default: the method's split, "
+                                    "vac compresses attention harder; pass the --ratio value for no split]")
     mlp_ratio: float | None = _opt(None, "fixed budget ratio of the MLP linears")
     rank_step: int = _opt(8, "rank grid step of the allocation", min=1)
     rank_floor: int = _opt(8, "smallest rank a matrix can get", min=1)
@@ -183,7 +183,7 @@ class StrategyConfig:
 def attn_ratio_of(ratio: float, share: float) -> float:
     """The attention budget ratio for a split share: ``1 + (ratio − 1)·share`` (share > 1: attention
     compressed harder than the whole; share 1: no split)."""
-    return 1 + (ratio - 1) * share
+    return round(1 + (ratio - 1) * share, 12)  # a decimal: 2.4, not 2.4000000000000004, in configs and keys
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def _whiten(inputs, fisher, exponent, alpha) -> Weighting:
 
 
 # vac's defaults and how they were chosen: docs/defaults.md
-@register_method("vac", needs=("inputs", "fisher"), whitening=True, attn_share=2.5,
+@register_method("vac", needs=("inputs", "fisher"), whitening=True, attn_share=1.75,
                  allocation="global", sequential=True, fisher_exponent=2 / 3, refine="dense")
 def _vac(inputs, fisher, exponent, alpha) -> Weighting:
     return whitened(inputs, output_sensitivity(inputs, fisher).pow(exponent / 2))

@@ -1,5 +1,4 @@
-"""The harness of the benchmarks that choose a default (benchmarks/calibration_mix.py, strategy_probe.py,
-recovery_probe.py).
+"""The harness of the benchmarks that choose a default (benchmarks/strategy_probe.py, recovery_probe.py).
 
 Each candidate compresses the embedded default (or is a model made elsewhere: ``Decision.score``); the
 candidate is scored on the *search* split of every text in ``DECISION_TEXTS`` (``for_decisions``

@@ -32,7 +32,7 @@ from ..models.families import arch_for
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 EXPONENTS = (0.25, 1 / 3, 0.5, 2 / 3, 1.0)
-ATTN_SHARES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # attn_ratio = 1 + (ratio − 1) · share
+ATTN_SHARES = (0.5, 1.0, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # attn_ratio = 1 + (ratio − 1) · share
 ALLOCATIONS = tuple(ALLOCATION_REGISTRY)  # type weights matter to "global" only
 LOG_WEIGHT_MAX = 2.0  # type weights are 2^w, w on a grid of 0.5 within ±LOG_WEIGHT_MAX
 SEARCH_METHODS = ("vac", "whiten")
