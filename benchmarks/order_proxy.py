@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vac.atomic import write_json
+from vac.config import StrategyConfig
 from vac.core.orders import describe_order, layer_order
 from vac.data.specs import for_decisions
 from vac.data.windows import eval_windows, sample_windows
@@ -55,9 +56,11 @@ def main(argv=None):
     ap.add_argument("--no-full", action="store_true", help="the order scores only")
     args = ap.parse_args(argv)
     setup = SearchSetup(eval_data="")  # no evaluation text: the scores rank orders for the search
+    # the default genes each order is scored with: entries made under other defaults are not reused
+    key = setup.to_json() | {"defaults": StrategyConfig(ratio=setup.ratio).resolved().to_dict()}
     doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    if doc.get("setup") != setup.to_json():
-        doc = {"setup": setup.to_json(), "entries": {}}
+    if doc.get("setup") != key:
+        doc = {"setup": key, "entries": {}}
     engine = InMemoryEngine(setup, Path.home() / ".cache" / "vac" / "bench" / "order_proxy", progress=True,
                             log=print)
     tok = engine.tokenizer
