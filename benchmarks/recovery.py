@@ -34,6 +34,13 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+def vac_launcher(nproc: int) -> list[str]:
+    """``python -m vac.cli``; for several processes under torchrun (DDP on gloo)."""
+    py = sys.executable
+    return [py, "-m", "vac.cli"] if nproc == 1 else [
+        py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "vac.cli"]
+
+
 def run(cmd: list[str]) -> None:
     print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd)
@@ -76,7 +83,7 @@ def main(argv=None):
     if student is None:
         student = work / f"compressed-{args.ratio:g}x"
         if not (student / "config.json").is_file():
-            run([py, "-m", "vac.cli", "compress", args.model, "--ratio", str(args.ratio), "--out", str(student),
+            run([*vac_launcher(1), "compress", args.model, "--ratio", str(args.ratio), "--out", str(student),
                  "--eval", "", "--overwrite", *shlex.split(args.compress_args)])
     elif not (student / "config.json").is_file():
         sys.exit(f"error: no checkpoint folder at {student}")
@@ -87,9 +94,7 @@ def main(argv=None):
                  "--eval-seq-len", str(args.eval_seq_len)]
     if args.snapshot_every:
         eval_opts += ["--snapshot-every", str(args.snapshot_every), "--snapshots", str(snapshots)]
-    launcher = [py, "-m", "vac.cli"] if args.nproc == 1 else [
-        py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "vac.cli"]
-    distill_cmd = [*launcher, "distill", str(student), "--teacher", args.model,
+    distill_cmd = [*vac_launcher(args.nproc), "distill", str(student), "--teacher", args.model,
                    "--out", str(distilled), "--max-minutes", str(args.minutes), "--steps", str(args.max_steps),
                    *eval_opts, *distill_args]
     # the work folder is reused by a rerun only for the same distillation: a finished run of other options

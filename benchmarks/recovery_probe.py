@@ -21,11 +21,11 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from recovery import run, vac_launcher  # benchmarks/recovery.py: the same launcher and command runner
 from vac.config import DEFAULT_MODEL, DistillConfig
 from vac.search.decide import Decision
 
@@ -76,8 +76,6 @@ def main(argv=None):
     defaults = asdict(DistillConfig())
     budget = ["--steps", str(args.steps)] if args.steps else ["--max-minutes", str(args.minutes), "--steps", "100000"]
     common = ["--teacher", DEFAULT_MODEL, *budget, "--eval", "", *args.rest]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                str(args.nproc), "-m", "vac.cli"] if args.nproc > 1 else [sys.executable, "-m", "vac.cli"]
     for settings in args.candidates:
         # the defaults a candidate's options apply over are part of it: `{}` after a default changed is
         # another candidate
@@ -85,11 +83,9 @@ def main(argv=None):
         if key in decision.entries:
             continue
         out = work / hashlib.sha256(key.encode()).hexdigest()[:16]
-        cmd = [*launcher, "distill", str(args.student), "--out", str(out), *flags(settings), *common]
+        cmd = [*vac_launcher(args.nproc), "distill", str(args.student), "--out", str(out), *flags(settings), *common]
         if not (out / "distill.json").is_file():
-            print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
-            if subprocess.run(cmd).returncode:
-                sys.exit(f"command failed: {shlex.join(cmd)}")
+            run(cmd)
         report = json.loads((out / "distill.json").read_text())
         decision.score(key, checkpoint.load(out)[0], settings=settings, defaults=defaults, command=shlex.join(cmd),
                        minutes=report["minutes"], steps=report["steps"], tokens=report["tokens"])
