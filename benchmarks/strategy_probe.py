@@ -25,7 +25,6 @@ from pathlib import Path
 from vac import CompressConfig
 from vac.config import DECISION_TEXTS
 from vac.data.selftext import cached_self_text
-from vac.data.specs import for_decisions
 from vac.search.decide import Decision
 
 RESULTS = Path(__file__).parent / "results" / "strategy_probe.json"
@@ -73,7 +72,6 @@ def main(argv=None):
         if "{self}" in calib:  # the cached file's path is this machine's: the key keeps the spec as written
             calib = calib.format(self=cached_self_text(decision.model, decision.tokenizer, decision.source))
             cfg = CompressConfig.of(ratio=args.ratio, **(settings | {"calib": calib}))
-        for_decisions(calib, "a calibration candidate")
         decision.run(key, cfg, settings=settings)
     doc = decision.doc
     table(doc)

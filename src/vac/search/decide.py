@@ -56,9 +56,11 @@ class Decision:
         """Compress a copy of the model with ``cfg``, score it and store the entry under ``key``
         (``extra`` is stored with it); an entry already there is returned as it is."""
         from .. import compress
+        from ..data.specs import for_decisions
 
         if key in self.entries:
             return self.entries[key]
+        for_decisions(cfg.data.calib, "a candidate's calibration text")
         net = copy.deepcopy(self.model)
         t0 = time.perf_counter()
         compress(net, self.tokenizer, cfg, source=self.source, progress=False)
