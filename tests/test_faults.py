@@ -355,13 +355,28 @@ def test_out_of_memory_in_a_streamed_stage_says_how_much_it_needs(inputs, tmp_pa
     def oom(*_a, **_k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    allocated = []
+
+    def assign_ranks(*args):
+        allocated.append(real_assign(*args))
+        return allocated[-1]
+
+    real_assign = stream_module.assign_ranks
     monkeypatch.setattr(stream_module, "decompose", oom)
+    monkeypatch.setattr(stream_module, "assign_ranks", assign_ranks)
     result = runner.invoke(app, build(["compress", "{root}/tiny"], inputs, tmp_path / "out"))
     line = one_error(result)
     model, reader = stream_module.skeleton(inputs / "tiny", "meta")
-    shapes = Shapes.of(model.config, arch_for(model), lambda name: reader.shape(f"{name}.weight"))
+    arch = arch_for(model)
+    shapes = Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight"))
     assert shapes.linears["mlp.down_proj"] == (model.config.hidden_size, model.config.intermediate_size)
-    needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8,
-                        refine="dense")["the factorization"]  # vac's default refinement
+    # the factorization's figure counts the largest layer as the rank map compresses it (0: kept dense)
+    sizes = [sum(r * (o + i) if (r := allocated[0][f"{arch.layer_path(k)}.{name}"]) else o * i
+                 for name, (o, i) in shapes.linears.items()) for k in range(model.config.num_hidden_layers)]
+    assert max(sizes) < shapes.layer_params() - shapes.other_params  # some matrix was factorized
+    needs = stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8, refine="dense",
+                        largest_layer=max(sizes))["the factorization"]  # vac's default refinement
+    assert needs < stage_bytes(shapes, windows=8, seq_len=32, fisher_windows=4, batch_size=8,
+                               refine="dense")["the factorization"]  # below the bound taken before allocation
     assert result.exit_code == 2 and f"during the factorization, which needs about {human(needs)}" in line, line
     assert not (tmp_path / "out").exists()

@@ -66,10 +66,14 @@ def _math(shapes: Shapes, full_svd: bool) -> int:
 
 
 def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int,
-                offload: bool = False, refine: str = "none") -> dict[str, int]:
+                offload: bool = False, refine: str = "none", largest_layer: int | None = None) -> dict[str, int]:
     """Bytes needed by each stage of :func:`vac.core.stream.stream_compress` (its peak, without the
     interpreter and libraries, about 0.5 GiB); ``offload``: hidden states in files (``--offload-dir``),
-    one batch of them in memory; ``refine``: the refinement's target (:mod:`vac.core.refine`)."""
+    one batch of them in memory; ``refine``: the refinement's target (:mod:`vac.core.refine`);
+    ``largest_layer``: the parameters of the largest decoder layer once compressed (its factors and the
+    matrices kept dense, from the rank map); None, before the allocation,
+    takes the bound, the dense layer's (no matrix's factors outgrow the matrix: the knapsack keeps it
+    dense first), since a global allocation can give one layer far more than 1/ratio of it."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
     table = v * h * FP32  # the embedding or the head, each loaded only for a pass's first or last step
     boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
@@ -79,7 +83,7 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     m, n = max(shapes.linears.values(), key=lambda s: s[0] * s[1])
     grad = m * n * (FP32 + 2 * FP64)  # one weight's gradient, its fp64 square (the others are reduced)
     logits = 3 * seq_len * v * FP32  # logits, softmax, gradient: one window at a time
-    compressed = layer * FP32 // 2  # the factors of the layer being built, beside the dense layer
+    compressed = (layer if largest_layer is None else largest_layer) * FP32  # the layer being built
     kept_fisher = 2 if offload else fisher_windows * (shapes.layers + 2)  # boundaries held by the Fisher pass
     kept = 2 * min(batch_size, windows) if offload else 2 * windows  # hidden states in and out of a layer
     # refinement: its targets (own: one boundary; dense: the dense stream's two), a batch's activations
@@ -117,10 +121,10 @@ def search_bytes(shapes: Shapes, *, population: int, search_windows: int, calib_
         "the Fisher pass": compress["the Fisher pass"],
         "the input statistics": 2 * calib_windows * boundary + max(table, dense + batch_size * acts + stats),
         "the factor sets": dense + stats + factor_set + _math(shapes, full_svd=True),
-        # a layer: the dense layer, one factor set of it, the low-rank layer being scored, the genome's
-        # outputs beside its inputs; the end: the head and one window's logits
+        # a layer: the dense layer, one factor set of it, the low-rank layer being scored (at most the
+        # dense layer's size), the genome's outputs beside its inputs; the end: the head and one window's logits
         "the proxy scores": genomes + max(table + 2 * seq_len * v * FP32,
-                                          dense + factor_set + dense // 2 + search_windows * boundary + acts),
+                                          2 * dense + factor_set + search_windows * boundary + acts),
         "the full re-scores": max(compress.values()),
     }
 

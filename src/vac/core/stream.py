@@ -40,6 +40,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -452,9 +453,10 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     clock = {}
     arch, n = layers.arch, len(layers)
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
-    needs = stage_bytes(Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
-                        windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
-                        batch_size=d.batch_size, offload=layers.keep.folder is not None, refine=s.refine)
+    plan = partial(stage_bytes, Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
+                   windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
+                   batch_size=d.batch_size, offload=layers.keep.folder is not None, refine=s.refine)
+    needs = plan()  # the factorization's figure is made again once the rank map is known
     main = dist.is_main()  # several ranks (vac.core.distributed): rank 0 alone writes files
     work = out.with_name(f".{out.name}.partial")
     key = _key(source, cfg, dtype, windows)
@@ -501,7 +503,9 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
             torch_save(analysis.pack(), work / "analysis.pt")
     ranks = analysis.ranks
     t0 = time.perf_counter()
-    stage("the factorization", needs["the factorization"])
+    largest = max(sum(m.params(ranks[m.path]) for m in matrices if m.path.startswith(f"{arch.layer_path(i)}."))
+                  for i in range(n))
+    stage("the factorization", plan(largest_layer=largest)["the factorization"])
     _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
     layers.release_all()  # before the assembly and the caller's measurements load their own copies
