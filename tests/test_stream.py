@@ -37,6 +37,10 @@ def dense(tmp_path_factory):
     dict(method="asvd"), dict(method="svd", allocation="global"), dict(method="vac", order=(0, 1, 2)),
     dict(method="vac", refine="own", refine_steps=5, refine_lr=1e-3),
     dict(method="whiten", sequential=True, refine="dense", refine_steps=5, refine_lr=1e-3),
+    # other orders: each layer from the nearest cached boundary below it, through the layers changed
+    # since (the dense stream through their dense twins)
+    dict(method="vac", order="middle-out"), dict(method="vac", order="back-to-front", refine="own", refine_steps=5),
+    dict(method="vac", order=(1, 0, 2), refine="none"),  # layer 1 passed as stored to reach layer 2
 ], ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
 def test_streamed_equals_in_memory(dense, tmp_path, settings):
     root, model = dense
@@ -57,10 +61,65 @@ def test_streamed_equals_in_memory(dense, tmp_path, settings):
 
 
 def test_what_does_not_stream_is_named():
-    assert streamable(CompressConfig.of(order="middle-out")) == "a sequential order other than front-to-back (middle-out)"
     assert streamable(CompressConfig.of(correct=True)) == "--correct"
-    assert streamable(CompressConfig.of(order="middle-out", sequential=False)) is None  # order moot
+    assert streamable(CompressConfig.of(order="middle-out")) is None
     assert streamable(CompressConfig.of()) is None
+
+
+def test_an_order_that_steps_back_holds_more_boundaries_and_the_plan_counts_them(dense, tmp_path, monkeypatch):
+    """Middle-out over 3 layers (1, 2, 0) re-runs layer 0 of both streams for the last step, and holds
+    3 boundaries of a stream at once (front to back: 2); the factorization's memory figure grows by
+    what the extra boundaries hold."""
+    import vac.core.stream as stream_module
+    from vac.core.driver import held_boundaries
+    from vac.core.memory import Shapes, stage_bytes
+    from vac.core.orders import layer_order
+
+    root, _ = dense
+    assert layer_order("middle-out", 3) == [1, 2, 0]
+    assert held_boundaries([0, 1, 2]) == 2 and held_boundaries([1, 2, 0]) == 3
+    loads, stages = [], {}
+    real_load = stream_module.Layers.load
+    monkeypatch.setattr(stream_module.Layers, "load", lambda self, i, *a, **k: loads.append(i) or real_load(self, i, *a, **k))
+    monkeypatch.setattr(stream_module, "stage", lambda name, needs=0: stages.setdefault(name, needs))
+    stream_compress(root / "dense", None, CompressConfig.of(**BASE, order="middle-out"), tokens(8, 32),
+                    tmp_path / "out", progress=False, stats_cache=False)
+    # the factorization pass: layer 0 twice to reach layer 1 (both streams), layer 1, layer 2, layer 0
+    factorize = loads[-5:]
+    assert factorize == [0, 0, 1, 2, 0], loads
+    model, reader = stream_module.skeleton(root / "dense", "meta")
+    shapes = Shapes.of(model.config, stream_module.arch_for(model), lambda n: reader.shape(f"{n}.weight"))
+    plan = dict(windows=8, seq_len=32, fisher_windows=4, batch_size=4, refine="dense")
+    front, middle = (stage_bytes(shapes, **plan, held=h)["the factorization"] for h in (2, 3))
+    assert middle - front == 2 * 8 * 32 * model.config.hidden_size * 4  # one more boundary in each stream
+    assert stages["the factorization"] <= middle  # with the layer the rank map gives (at most the dense one)
+
+
+def test_an_order_stopped_midway_resumes_to_the_same_checkpoint(dense, tmp_path, monkeypatch):
+    """Middle-out stopped after its second layer (1, 2 written; 0 not): the rerun takes the written
+    layers as stored and gives the uninterrupted run's checkpoint."""
+    import vac.core.stream as stream_module
+
+    root, _ = dense
+    cfg = CompressConfig.of(**BASE, order="middle-out")
+    stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "ref", progress=False, stats_cache=False)
+    passed = []
+
+    def stop(name):
+        passed.append(name)
+        if passed.count("sequential") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream_module, "kill_point", stop)
+    with pytest.raises(KeyboardInterrupt):
+        stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "out", progress=False, stats_cache=False)
+    work = tmp_path / ".out.partial"
+    assert sorted(p.name for p in work.glob("model-layer-*")) == ["model-layer-00001.safetensors",
+                                                                 "model-layer-00002.safetensors"]
+    monkeypatch.setattr(stream_module, "kill_point", lambda name: None)
+    stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "out", progress=False, stats_cache=False)
+    expected, got = folder_weights(tmp_path / "ref"), folder_weights(tmp_path / "out")
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "olmo3", "gemma2", "gemma3_text", "phi3"])

@@ -218,6 +218,23 @@ def sequential_passes(order: list[int]) -> int:
     return passes
 
 
+def held_boundaries(order: list[int]) -> int:
+    """The most layer boundaries one stream of ``_sequential`` (or of the streamed factorization)
+    holds at once for ``order``: the cached ones, the one entering the layer being done and the one
+    leaving it. 2 front to back; more when the order steps back down (the compressed stream drops the
+    boundaries above a changed layer, the dense stream keeps them while a later layer starts there)."""
+    most = 0
+    for changes in (True, False):  # the compressed stream, the dense stream
+        cache, remaining = {0}, list(order)
+        for i in order:
+            remaining.remove(i)
+            cache |= {i}
+            most = max(most, len(cache) + 1)
+            valid = ({b for b in cache if b <= i} if changes else cache) | {i + 1}
+            cache = {b for b in valid if b in _starts(valid, remaining).values()}
+    return most
+
+
 def _starts(cache, remaining: list[int]) -> dict[int, int]:
     """For each layer still to do, the cached boundary its inputs would be computed from."""
     return {j: max(b for b in cache if b <= j) for j in remaining}

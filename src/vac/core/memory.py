@@ -66,14 +66,17 @@ def _math(shapes: Shapes, full_svd: bool) -> int:
 
 
 def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: int, batch_size: int,
-                offload: bool = False, refine: str = "none", largest_layer: int | None = None) -> dict[str, int]:
+                offload: bool = False, refine: str = "none", largest_layer: int | None = None,
+                held: int = 2) -> dict[str, int]:
     """Bytes needed by each stage of :func:`vac.core.stream.stream_compress` (its peak, without the
     interpreter and libraries, about 0.5 GiB); ``offload``: hidden states in files (``--offload-dir``),
     one batch of them in memory; ``refine``: the refinement's target (:mod:`vac.core.refine`);
     ``largest_layer``: the parameters of the largest decoder layer once compressed (its factors and the
     matrices kept dense, from the rank map); None, before the allocation,
     takes the bound, the dense layer's (no matrix's factors outgrow the matrix: the knapsack keeps it
-    dense first), since a global allocation can give one layer far more than 1/ratio of it."""
+    dense first), since a global allocation can give one layer far more than 1/ratio of it; ``held``: the
+    boundaries one stream of the factorization holds at once (:func:`vac.core.driver.held_boundaries`
+    of its layer order: 2 front to back)."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
     table = v * h * FP32  # the embedding or the head, each loaded only for a pass's first or last step
     boundary = seq_len * h * FP32  # one window's hidden state at one layer boundary
@@ -85,10 +88,12 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
     logits = 3 * seq_len * v * FP32  # logits, softmax, gradient: one window at a time
     compressed = (layer if largest_layer is None else largest_layer) * FP32  # the layer being built
     kept_fisher = 2 if offload else fisher_windows * (shapes.layers + 2)  # boundaries held by the Fisher pass
-    kept = 2 * min(batch_size, windows) if offload else 2 * windows  # hidden states in and out of a layer
-    # refinement: its targets (own: one boundary; dense: the dense stream's two), a batch's activations
+    per = min(batch_size, windows) if offload else windows  # windows of one boundary in memory
+    kept = 2 * per  # hidden states in and out of a layer
+    spans = 2 if offload else held  # boundaries one stream of the factorization holds (offload: on disk)
+    # refinement: its targets (own: one boundary; dense: the dense stream's), a batch's activations
     # kept for the backward, and the factors' gradients and Adam moments
-    targets = {"none": 0, "own": 1, "dense": 2}[refine] * kept // 2 * boundary
+    targets = {"none": 0, "own": 1, "dense": spans}[refine] * per * boundary
     fit = (2 * batch_size * acts + 3 * compressed) if refine != "none" else 0
     dense = layer * FP32  # one decoder layer in fp32
     return {
@@ -96,7 +101,7 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
         + max(table + logits, dense + max(stats + grad + acts, _math(shapes, full_svd=False))),
         "the allocation curves": kept * boundary
         + max(table, dense + batch_size * acts + max(stats, _math(shapes, full_svd=False))),
-        "the factorization": kept * boundary + targets
+        "the factorization": spans * per * boundary + targets
         + max(table, dense + batch_size * acts + compressed + max(stats, _math(shapes, full_svd=True), fit)),
         # the tensors outside the layers read and converted (at most two fp32-sized copies of them)
         "the save": table * (1 if shapes.tied else 2) + dense,

@@ -55,9 +55,10 @@ from . import distributed as dist
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
 from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
 from .heap import bounded_heap, trim_heap
-from .driver import Result
+from .driver import Result, _starts, held_boundaries
 from .memory import Shapes, stage_bytes
 from .methods import decompose, strategy_weighting, tail_energy
+from .orders import layer_order
 from .refine import refine_layer
 
 WORK_FORMAT = "vac-stream/1"
@@ -402,12 +403,7 @@ def curve_pass(layers: Layers, windows: torch.Tensor, analysis: Analysis, strate
 
 def streamable(cfg: CompressConfig) -> str | None:
     """Why ``cfg`` needs the in-memory path (None: it streams)."""
-    s = cfg.strategy.resolved()
-    if s.correct:
-        return "--correct"
-    if s.sequential and s.order != "front-to-back" and (isinstance(s.order, str) or list(s.order) != sorted(s.order)):
-        return f"a sequential order other than front-to-back ({s.order})"
-    return None
+    return "--correct" if cfg.strategy.resolved().correct else None
 
 
 def _key(source: Path, cfg: CompressConfig, dtype: torch.dtype, windows: torch.Tensor) -> str:
@@ -453,7 +449,9 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     clock = {}
     arch, n = layers.arch, len(layers)
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
+    order = layer_order(s.order, n) if s.sequential else list(range(n))  # as the factorization pass runs it
     plan = partial(stage_bytes, Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
+                   held=held_boundaries(order),
                    windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
                    batch_size=d.batch_size, offload=layers.keep.folder is not None, refine=s.refine)
     needs = plan()  # the factorization's figure is made again once the rank map is known
@@ -569,84 +567,135 @@ def _layer_file(work: Path, i: int) -> Path:
 
 @torch.no_grad()
 def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: int, dtype, work: Path, progress):
-    """Pass D: front to back; each finished layer is written to its shard. Sequential: the windows
-    then pass the layer as stored (so a resumed run feeds the layers above the same inputs); otherwise
-    they pass the dense layer."""
+    """Pass D, in the strategy's layer order; each finished layer is written to its shard. Sequential:
+    a layer's statistics come from windows that passed the layers below it in their current state
+    (factorized ones as stored, so a resumed run feeds the later layers the same inputs), from the
+    nearest cached boundary below it as in :func:`vac.core.driver._sequential`: front to back passes
+    each layer once, other orders re-run the layers changed since (``driver.sequential_passes``).
+    Otherwise the windows pass the dense layers and the order is moot (front to back)."""
+    from ..checkpoint.hf.modeling_vac import replace_with_low_rank
+
+    stream, n, keep = layers.stream, len(layers), layers.keep
+    order = layer_order(s.order, n) if s.sequential else list(range(n))
+    batches = list(dist.share(windows).split(batch_size))
+    # boundary -> hidden states entering that layer: the compressed stream and (refine target
+    # ``dense``) the dense model's stream, for its targets
+    compressed = {0: keep(layers.embed(batches))}
+    dense = {0: compressed[0]} if s.refine == "dense" else None
+    done = {i for i in range(n) if _layer_file(work, i).is_file()}  # before any rank writes
+    finished: set[int] = set()  # factorized layers (low-rank modules; their weights in their shards)
+    remaining = list(order)
+
+    def advance(cache: dict, i: int) -> list:
+        """The hidden states entering layer ``i`` from the nearest cached boundary below (cached), through
+        the layers between as they are now (finished ones as stored). The dense stream never walks a
+        finished layer: finishing layer j caches its dense boundary j + 1, which every later layer above
+        j starts from or above, so it needs no dense copy of a factorized layer."""
+        start = max(b for b in cache if b <= i)
+        hidden = cache[start]
+        for j in range(start, i):
+            if j in finished:
+                _load_stored(layers, j, _layer_file(work, j))
+            else:
+                layers.load(j)
+            hidden = keep(stream.layer(j, h, b) for h, b in zip(hidden, batches))
+            layers.release(j)
+        cache[i] = hidden
+        return hidden
+
+    def kept(cache: dict) -> dict:  # the boundaries a remaining layer starts from
+        return {b: h for b, h in cache.items() if b in _starts(cache, remaining).values()}
+
+    bar = tqdm(order, desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
+    for i in bar:
+        remaining.remove(i)
+        new = None  # the compressed stream's boundary i + 1, when it is made now
+        if i in done:  # written before a kill: the windows pass it as stored when a later layer needs it
+            replace_with_low_rank(layers.model, _layer_ranks(analysis, layers.arch, i))
+        else:
+            hidden = advance(compressed, i)
+            target = None
+            if dense is not None:
+                dense_hidden = advance(dense, i)
+            layers.load(i)  # dense, from the source
+            if dense is not None:
+                target = dense[i + 1] = keep(stream.layer(i, h, b) for h, b in zip(dense_hidden, batches))
+                del dense_hidden
+                dense = kept(dense)
+            new = _factorize_layer(layers, i, hidden, target, analysis, s, batches, dtype, work)
+            del hidden, target
+        finished.add(i)
+        layers.release(i)
+        valid = {b: h for b, h in compressed.items() if b <= i}  # boundaries above i passed its old state
+        if new is not None:
+            valid[i + 1] = new
+        del new
+        compressed = kept(valid)
+        kill_point("sequential")
+
+
+def _layer_ranks(analysis: Analysis, arch, i: int) -> dict[str, int]:
+    prefix = arch.layer_path(i) + "."
+    return {p: r for p, r in analysis.ranks.items() if p.startswith(prefix) and r != DENSE}
+
+
+def _factorize_layer(layers: Layers, i: int, hidden, target, analysis: Analysis, s, batches, dtype, work: Path):
+    """Factorize (and refine, towards ``target`` or, for ``own``, the dense layer's outputs on
+    ``hidden``) layer ``i`` from its inputs ``hidden``; write its shard; returns the hidden states
+    leaving it (sequential: as stored, otherwise the dense layer's)."""
     from safetensors.torch import save_file
 
     from ..atomic import atomic_write
-    from ..checkpoint.hf.modeling_vac import replace_with_low_rank
     from ..models.layers import make_low_rank
 
-    stream, arch, model, me, keep = layers.stream, layers.arch, layers.model, dist.world()[0], layers.keep
-    batches = list(dist.share(windows).split(batch_size))
-    hidden = keep(layers.embed(batches))
-    dense_hidden = hidden if s.refine == "dense" else None  # the dense model's stream, for its target
-    done = {i for i in range(len(layers)) if _layer_file(work, i).is_file()}  # before any rank writes
-    bar = tqdm(range(len(layers)), desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
-    for i in bar:
-        prefix = arch.layer_path(i) + "."
-        todo = {p: r for p, r in analysis.ranks.items() if p.startswith(prefix) and r != DENSE}
-        shard = _layer_file(work, i)
-        layer = layers.load(i)  # dense, from the source
-        if dense_hidden is not None:
-            dense_hidden = keep(stream.layer(i, h, b) for h, b in zip(dense_hidden, batches))
-        if i in done and s.sequential:  # written before a kill: pass the stored layer
-            replace_with_low_rank(model, todo)
-            _load_stored(layers, i, shard)
-            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
-        elif i in done:
-            hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
-        else:
-            inputs: dict = {}
-            handles = input_hooks(layers.stream, i, inputs) if s.needs_inputs else []
-            own = None  # the dense layer's outputs on the compressed inputs (refine target "own")
-            try:
-                outputs = None if s.sequential else keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
-                if s.refine == "own":
-                    own = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
-                for h, b in zip(hidden, batches) if s.sequential and handles and own is None else ():
-                    stream.layer(i, h, b)  # for the statistics only: the windows pass the factorized layer below
-            finally:
-                for handle in handles:
-                    handle.remove()
-            dist.reduce_inputs(inputs)
-            for j, (path, rank) in enumerate(todo.items()):  # this rank's share of the matrices
-                stats = _pop(inputs, path)
-                if dist.owner(j) == me:
-                    w = strategy_weighting(s, stats, analysis.fisher.get(path))
-                    up, down = w.factors(*decompose(model.get_submodule(path).weight, w), rank)
-                    del w
-                    model.set_submodule(path, make_low_rank(model.get_submodule(path), up, down))
-                    del up, down
-                del stats
-            inputs.clear()
-            for j, path in enumerate(todo if dist.world()[1] > 1 else ()):  # the other ranks' factors
-                m = model.get_submodule(path)
-                got = dist.broadcast({"up": m.up.weight, "down": m.down.weight} if dist.owner(j) == me else None,
-                                     dist.owner(j), layers.device)
-                if dist.owner(j) != me:
-                    model.set_submodule(path, make_low_rank(m, got["up"], got["down"]))
-            refined = None
-            if s.refine != "none":  # every rank fits the same factors on its share of the windows
-                refined = refine_layer(stream, i, hidden, own if s.refine == "own" else dense_hidden, batches,
-                                       s.refine_steps, s.refine_lr, keep=keep if dtype == torch.float32 else None)
-            del own
-            tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
-            if me == 0:
-                atomic_write(shard, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
-            if s.sequential and dtype != torch.float32:  # the windows pass the layer as stored
-                for name, t in tensors.items():
-                    _set(layers.model, name, t.float(), layers.device)
-            del tensors
-            # sequential: the next layer's statistics come from compressed inputs, otherwise dense ones
-            if refined is not None and refined.outputs is not None:  # the refined layer's, as stored (fp32)
-                hidden = refined.outputs
-            else:
-                hidden = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
-            del refined
-        layers.release(i)
-        kill_point("sequential")
+    stream, model, me, keep = layers.stream, layers.model, dist.world()[0], layers.keep
+    prefix = layers.arch.layer_path(i) + "."
+    todo = _layer_ranks(analysis, layers.arch, i)
+    layer = stream.layers[i]  # loaded dense by the caller
+    inputs: dict = {}
+    handles = input_hooks(layers.stream, i, inputs) if s.needs_inputs else []
+    own = None  # the dense layer's outputs on the compressed inputs (refine target "own")
+    try:
+        outputs = None if s.sequential else keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
+        if s.refine == "own":
+            own = keep(stream.layer(i, h, b) for h, b in zip(hidden, batches))
+        for h, b in zip(hidden, batches) if s.sequential and handles and own is None else ():
+            stream.layer(i, h, b)  # for the statistics only: the windows pass the factorized layer below
+    finally:
+        for handle in handles:
+            handle.remove()
+    dist.reduce_inputs(inputs)
+    for j, (path, rank) in enumerate(todo.items()):  # this rank's share of the matrices
+        stats = _pop(inputs, path)
+        if dist.owner(j) == me:
+            w = strategy_weighting(s, stats, analysis.fisher.get(path))
+            up, down = w.factors(*decompose(model.get_submodule(path).weight, w), rank)
+            del w
+            model.set_submodule(path, make_low_rank(model.get_submodule(path), up, down))
+            del up, down
+        del stats
+    inputs.clear()
+    for j, path in enumerate(todo if dist.world()[1] > 1 else ()):  # the other ranks' factors
+        m = model.get_submodule(path)
+        got = dist.broadcast({"up": m.up.weight, "down": m.down.weight} if dist.owner(j) == me else None,
+                             dist.owner(j), layers.device)
+        if dist.owner(j) != me:
+            model.set_submodule(path, make_low_rank(m, got["up"], got["down"]))
+    refined = None
+    if s.refine != "none":  # every rank fits the same factors on its share of the windows
+        refined = refine_layer(stream, i, hidden, own if s.refine == "own" else target, batches,
+                               s.refine_steps, s.refine_lr, keep=keep if dtype == torch.float32 else None)
+    del own
+    tensors = {prefix + k: v.detach().to(dtype).contiguous().cpu() for k, v in layer.state_dict().items()}
+    if me == 0:
+        atomic_write(_layer_file(work, i), lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"}))
+    if s.sequential and dtype != torch.float32:  # the windows pass the layer as stored
+        for name, t in tensors.items():
+            _set(layers.model, name, t.float(), layers.device)
+    del tensors
+    if refined is not None and refined.outputs is not None:  # the refined layer's, as stored (fp32)
+        return refined.outputs
+    return keep(stream.layer(i, h, b) for h, b in zip(hidden, batches)) if s.sequential else outputs
 
 
 def _load_stored(layers: Layers, i: int, shard: Path) -> None:
