@@ -85,7 +85,7 @@ BAD = [
     (["search", "{root}/tiny", "--workers", "0"], "--workers must be at least 1"),
     (["search", "{root}/tiny", "--search-data", "{root}/eval.txt"], "overlaps the evaluation data"),
     (["search", "{root}/tiny", "--fisher-windows", "0"], "--fisher-windows must be"),
-    (["search", "{root}/tiny", "--order-windows", "2", "--streamed"], "--order-windows needs the in-memory"),
+    (["search", "{root}/tiny", "--order-windows", "2", "--no-proxy"], "--order-windows needs the proxy search"),
     (["distill", "{root}/tiny-missing"], "no checkpoint folder"),
     (["distill", "{root}/ckpt", "--alpha", "2"], "--alpha must be in [0, 1]"),
     (["distill", "{root}/ckpt", "--steps", "0"], "--steps must be positive"),

@@ -52,7 +52,7 @@ def setup_for(files, **kw) -> SearchSetup:
                 search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
                 fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4,
                 order_windows=4, order_seq_len=32)
-    if kw.get("streamed") or kw.get("proxy") is False:
+    if kw.get("proxy") is False:
         base["order_windows"] = 0
     return SearchSetup(**base | kw)
 
@@ -145,11 +145,12 @@ def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path
     assert len(summary["orders"]) == len(orders) >= 2 and "order score" in summary["fitness"]
 
 
-def test_order_score_needs_the_in_memory_proxy_search(files):
-    assert setup_for(files, order_windows=None).order_windows == 8  # the in-memory default
-    assert setup_for(files, streamed=True, order_windows=None).order_windows == 0
-    with pytest.raises(VacError, match="--order-windows needs the in-memory proxy search"):
-        setup_for(files, streamed=True, order_windows=4)
+def test_order_score_needs_the_proxy_search(files):
+    assert setup_for(files, order_windows=None).order_windows == 8  # the default, in memory or streamed
+    assert setup_for(files, streamed=True, order_windows=None).order_windows == 8
+    assert setup_for(files, proxy=False, order_windows=None).order_windows == 0
+    with pytest.raises(VacError, match="--order-windows needs the proxy search"):
+        setup_for(files, proxy=False, order_windows=4)
     with pytest.raises(VacError, match="--order-windows must be at least 0"):
         setup_for(files, order_windows=-1)
 

@@ -95,27 +95,30 @@ def test_an_order_that_steps_back_holds_more_boundaries_and_the_plan_counts_them
     assert stages["the factorization"] <= middle  # with the layer the rank map gives (at most the dense one)
 
 
-def test_an_order_stopped_midway_resumes_to_the_same_checkpoint(dense, tmp_path, monkeypatch):
-    """Middle-out stopped after its second layer (1, 2 written; 0 not): the rerun takes the written
-    layers as stored and gives the uninterrupted run's checkpoint."""
+@pytest.mark.parametrize("order,stop,written", [("middle-out", 2, [1, 2]), ("front-to-back", 1, [0]),
+                                                ("back-to-front", 1, [2])])
+def test_an_order_stopped_midway_resumes_to_the_same_checkpoint(dense, tmp_path, monkeypatch, order, stop, written):
+    """Stopped after ``stop`` layers: the rerun takes the written layers as stored (the compressed
+    stream) and passes them dense (the refinement's dense stream), and gives the uninterrupted run's
+    checkpoint."""
     import vac.core.stream as stream_module
 
     root, _ = dense
-    cfg = CompressConfig.of(**BASE, order="middle-out")
+    cfg = CompressConfig.of(**BASE, order=order)
+    assert cfg.resolved().strategy.refine == "dense"
     stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "ref", progress=False, stats_cache=False)
     passed = []
 
-    def stop(name):
+    def halt(name):
         passed.append(name)
-        if passed.count("sequential") == 2:
+        if passed.count("sequential") == stop:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream_module, "kill_point", stop)
+    monkeypatch.setattr(stream_module, "kill_point", halt)
     with pytest.raises(KeyboardInterrupt):
         stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "out", progress=False, stats_cache=False)
     work = tmp_path / ".out.partial"
-    assert sorted(p.name for p in work.glob("model-layer-*")) == ["model-layer-00001.safetensors",
-                                                                 "model-layer-00002.safetensors"]
+    assert sorted(p.name for p in work.glob("model-layer-*")) == [f"model-layer-{i:05d}.safetensors" for i in written]
     monkeypatch.setattr(stream_module, "kill_point", lambda name: None)
     stream_compress(root / "dense", None, cfg, tokens(8, 32), tmp_path / "out", progress=False, stats_cache=False)
     expected, got = folder_weights(tmp_path / "ref"), folder_weights(tmp_path / "out")

@@ -43,8 +43,8 @@ def search(
     workers: int = typer.Option(1, help="worker processes scoring candidates in parallel (proxy scoring)"),
     streamed: bool = typer.Option(SearchSetup.streamed, "--streamed/--in-memory",
                                   help="memory bounded by one decoder layer (statistics and factors per layer on "
-                                       "disk, a generation scored in one pass over the layers; the order stays "
-                                       "front-to-back); --in-memory loads the whole model and searches the order"),
+                                       "disk, a generation scored in one pass over the layers, orders and full "
+                                       "re-scores by streamed compressions); --in-memory loads the whole model"),
     ablation: bool = typer.Option(False, "--ablation", help="instead of searching: the default with one setting "
                                   "changed (order, Fisher exponent, allocation), scored on search and eval"),
     *, data: DataConfig,

@@ -109,9 +109,10 @@ def stage_bytes(shapes: Shapes, *, windows: int, seq_len: int, fisher_windows: i
 
 
 def search_bytes(shapes: Shapes, *, population: int, search_windows: int, calib_windows: int, seq_len: int,
-                 fisher_windows: int, batch_size: int, refine: str = "none") -> dict[str, int]:
+                 fisher_windows: int, batch_size: int, refine: str = "none", held: int = 2) -> dict[str, int]:
     """Bytes needed by each stage of the streamed ``vac search`` (:mod:`vac.search.streamed`); the full
-    re-scores are streamed compressions (:func:`stage_bytes`, their largest stage)."""
+    re-scores are streamed compressions (:func:`stage_bytes`, their largest stage) in any order the
+    search visits (``held``: the most boundaries one of them holds)."""
     h, v, layer = shapes.hidden, shapes.vocab, shapes.layer_params()
     table, dense = v * h * FP32, layer * FP32  # the embedding or the head; one decoder layer
     boundary = seq_len * h * FP32
@@ -120,7 +121,7 @@ def search_bytes(shapes: Shapes, *, population: int, search_windows: int, calib_
     stats = sum(n * n * FP64 for n in shapes.group_inputs())
     factor_set = dense  # one layer's factors at the largest useful rank (each at most the dense size)
     compress = stage_bytes(shapes, windows=calib_windows, seq_len=seq_len, fisher_windows=fisher_windows,
-                           batch_size=batch_size, refine=refine)
+                           batch_size=batch_size, refine=refine, held=held)
     genomes = population * search_windows * boundary  # every genome's hidden states at one boundary
     return {
         "the Fisher pass": compress["the Fisher pass"],

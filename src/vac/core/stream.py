@@ -14,9 +14,10 @@ A. **Fisher** (methods that use it): a forward over the Fisher windows keeps eac
 B. **Curves** (allocations that need them, when A did not produce them): a forward pass computes one
    layer's input statistics, turns them into that layer's curves, frees them.
 C. **Allocation**: the knapsack over the curves (megabytes).
-D. **Factorization**, front to back: the calibration windows pass the layers in turn; each layer's
-   statistics come from inputs that passed the compressed layers below it (sequential) or the dense
-   ones; with ``refine`` its factors are then fitted to the dense outputs (:mod:`vac.core.refine`;
+D. **Factorization**, in the strategy's layer order: each layer's statistics come from inputs that
+   passed the layers below it as they are then (sequential: the compressed ones as stored; from the
+   nearest cached boundary, so front to back passes each layer once and an order that steps back
+   down re-runs the layers changed since) or the dense ones; with ``refine`` its factors are then fitted to the dense outputs (:mod:`vac.core.refine`;
    target ``dense`` keeps the dense model's stream beside the compressed one); the factorized layer
    is written to its own shard at once and the windows pass it as stored.
 
@@ -27,7 +28,7 @@ into place only when complete. The numbers equal the in-memory path (:mod:`vac.c
 windows, batches, accumulation order and fp64 statistics.
 
 Memory: :mod:`vac.core.memory` computes each stage's peak from the shapes and settings (the real 7B:
-about 11 GiB with the defaults, 9 GiB with ``--offload-dir``; docs/scale.md). Several processes
+about 8.4 GiB with the defaults, 6.6 GiB with ``--offload-dir``; docs/scale.md). Several processes
 (``torchrun``): :mod:`vac.core.distributed`.
 """
 
@@ -504,11 +505,11 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     largest = max(sum(m.params(ranks[m.path]) for m in matrices if m.path.startswith(f"{arch.layer_path(i)}."))
                   for i in range(n))
     stage("the factorization", plan(largest_layer=largest)["the factorization"])
-    _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
+    recompute = _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
     layers.release_all()  # before the assembly and the caller's measurements load their own copies
     kept = {p: r for p, r in ranks.items() if r != DENSE}
-    result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock)
+    result = Result(kept, sum(m.dense_params for m in matrices), total_params(matrices, ranks), clock, recompute)
     if not main:
         return result
     stage("the save", needs["the save"])
@@ -586,21 +587,28 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
     finished: set[int] = set()  # factorized layers (low-rank modules; their weights in their shards)
     remaining = list(order)
 
-    def advance(cache: dict, i: int) -> list:
+    tally = [0, 0.0]  # the compressed stream's layer passes re-run to reach later layers, and their seconds
+
+    def advance(cache: dict, i: int, count: bool = False) -> list:
         """The hidden states entering layer ``i`` from the nearest cached boundary below (cached), through
         the layers between as they are now (finished ones as stored). The dense stream never walks a
-        finished layer: finishing layer j caches its dense boundary j + 1, which every later layer above
-        j starts from or above, so it needs no dense copy of a factorized layer."""
-        start = max(b for b in cache if b <= i)
+        finished layer: finishing layer j (or skipping it, written before a kill) caches its dense
+        boundary j + 1, which every later layer above j starts from or above, so it needs no dense copy
+        of a factorized layer."""
+        t0, start = time.perf_counter(), max(b for b in cache if b <= i)
         hidden = cache[start]
         for j in range(start, i):
             if j in finished:
+                assert cache is compressed, "the dense stream passes no factorized layer"
                 _load_stored(layers, j, _layer_file(work, j))
             else:
                 layers.load(j)
             hidden = keep(stream.layer(j, h, b) for h, b in zip(hidden, batches))
             layers.release(j)
         cache[i] = hidden
+        if count:
+            tally[0] += i - start
+            tally[1] += time.perf_counter() - t0
         return hidden
 
     def kept(cache: dict) -> dict:  # the boundaries a remaining layer starts from
@@ -609,21 +617,25 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
     bar = tqdm(order, desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
     for i in bar:
         remaining.remove(i)
+        # the streams in turn (one dense layer loaded at a time): the compressed inputs of layer i, the
+        # dense ones and the dense layer's outputs (also for a layer written before a kill, which keeps
+        # the dense stream off factorized layers)
+        hidden = advance(compressed, i, count=True) if i not in done else None
+        dense_hidden = advance(dense, i) if dense is not None else None
+        if dense is not None or i not in done:
+            layers.load(i)  # dense, from the source
+        target = None
+        if dense is not None:
+            target = dense[i + 1] = keep(stream.layer(i, h, b) for h, b in zip(dense_hidden, batches))
+            del dense_hidden
+            dense = kept(dense)
         new = None  # the compressed stream's boundary i + 1, when it is made now
         if i in done:  # written before a kill: the windows pass it as stored when a later layer needs it
+            layers.release(i)
             replace_with_low_rank(layers.model, _layer_ranks(analysis, layers.arch, i))
         else:
-            hidden = advance(compressed, i)
-            target = None
-            if dense is not None:
-                dense_hidden = advance(dense, i)
-            layers.load(i)  # dense, from the source
-            if dense is not None:
-                target = dense[i + 1] = keep(stream.layer(i, h, b) for h, b in zip(dense_hidden, batches))
-                del dense_hidden
-                dense = kept(dense)
             new = _factorize_layer(layers, i, hidden, target, analysis, s, batches, dtype, work)
-            del hidden, target
+        del hidden, target
         finished.add(i)
         layers.release(i)
         valid = {b: h for b, h in compressed.items() if b <= i}  # boundaries above i passed its old state
@@ -632,6 +644,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
         del new
         compressed = kept(valid)
         kill_point("sequential")
+    return tuple(tally)
 
 
 def _layer_ranks(analysis: Analysis, arch, i: int) -> dict[str, int]:

@@ -120,8 +120,7 @@ class _Run:
                              if setup.eval_data else None)
         self.order_calib = setup.order_calibration(tok) if setup.order_windows else None
         self.engine.prepare(self.calib, self.search_windows)
-        self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup),
-                           orders=("front-to-back",) if setup.streamed else None)
+        self.space = Space(self.n_layers, setup.methods, feasible_shares(self.model, setup))
         self.models: dict[str, object] = {}  # handles of full re-scores kept for the eval scoring
 
     # state ---------------------------------------------------------------------------------------

@@ -270,22 +270,21 @@ class SearchSetup:
     top_k: int = 3
     proxy: bool = True
     methods: tuple[str, ...] = SEARCH_METHODS
-    # memory bounded by one decoder layer (vac.search.streamed); the layer order stays front-to-back
+    # memory bounded by one decoder layer (vac.search.streamed)
     streamed: bool = False
     # the order gene's score under the proxy: the default genes compressed sequentially in that order on
-    # this many calibration windows of order_seq_len tokens (InMemoryEngine.order_score); None: 8 where the
-    # order is searched (the in-memory proxy search), 0 elsewhere (0: the proxy stays blind to the order)
+    # this many calibration windows of order_seq_len tokens (the engines' order_score); None: 8 under the
+    # proxy, 0 without it (0: the proxy stays blind to the order)
     order_windows: int | None = None
     order_seq_len: int = 256
 
     def __post_init__(self):
         if self.order_windows is None:
-            self.order_windows = 8 if self.proxy and not self.streamed else 0
+            self.order_windows = 8 if self.proxy else 0
         if self.order_windows < 0:
             raise VacError(f"--order-windows must be at least 0, got {self.order_windows}")
-        if self.order_windows and (self.streamed or not self.proxy):
-            raise VacError("--order-windows needs the in-memory proxy search (the streamed search keeps "
-                           "front-to-back; --no-proxy scores every order fully)")
+        if self.order_windows and not self.proxy:
+            raise VacError("--order-windows needs the proxy search (--no-proxy scores every order fully)")
         if self.order_seq_len < 2:
             raise VacError(f"--order-seq-len must be at least 2, got {self.order_seq_len}")
         self.methods = tuple(self.methods)

@@ -14,8 +14,8 @@ A generation is scored layers outer, genomes inner (:class:`StreamedScorer`): ea
 from the source shards once per generation, each genome's hidden states pass it with the genome's
 truncated factors put in, and the layer is released. The full re-scores run ``vac compress``'s
 streamed path (:func:`vac.core.stream.stream_compress`) into ``OUT/cache/full/<genome>`` and score the
-checkpoint with :func:`vac.core.stream.stream_perplexity`. The streamed compression serves the
-front-to-back order only, so this search keeps the order gene fixed.
+checkpoint with :func:`vac.core.stream.stream_perplexity`; so do the order scores, from the few short
+order windows (:meth:`StreamedEngine.order_score`).
 
 Peak memory: the larger of ``vac compress``'s streamed peak (:mod:`vac.core.memory`) and one layer in
 fp32 + one layer's statistics + one layer's factor set + the search windows' hidden states of every
@@ -37,7 +37,9 @@ from ..atomic import atomic_write, torch_save
 from ..cache import pack_fisher, pack_inputs, unpack_fisher, unpack_inputs
 from ..core.allocate import DENSE, matrices_of, total_params
 from ..core.calibrate import input_hooks
+from ..core.driver import held_boundaries
 from ..core.heap import bounded_heap
+from ..core.orders import ORDERS, layer_order, outward
 from ..core.stream import (
     Analysis,
     Layers,
@@ -251,12 +253,14 @@ class StreamedEngine:
         """Bytes of each stage (:func:`vac.core.memory.search_bytes`), for the out-of-memory line."""
         from ..core.memory import Shapes, search_bytes
 
-        reader, s = self.layers.reader, self.setup
+        reader, s, n = self.layers.reader, self.setup, len(self.layers)
         shapes = Shapes.of(self.model.config, arch_for(self.model), lambda name: reader.shape(f"{name}.weight"))
+        orders = [layer_order(name, n) for name in ORDERS] + [outward(n, i, up) for i in range(n) for up in (True, False)]
         return search_bytes(shapes, population=s.population, search_windows=len(windows), calib_windows=len(calib),
                             seq_len=calib.shape[1], fisher_windows=s.fisher_windows,
                             batch_size=s.data_config().batch_size,
-                            refine=Genome.default(len(self.layers)).config(s, full=True).strategy.refine)
+                            refine=Genome.default(n).config(s, full=True).strategy.refine,
+                            held=max(map(held_boundaries, orders)))  # the orders a genome can reach
 
     def prepare(self, calib: torch.Tensor, windows: torch.Tensor) -> None:
         """The per-layer statistics on disk (computed once) and the proxy scorer."""
@@ -291,7 +295,29 @@ class StreamedEngine:
         t1 = time.perf_counter()
         ppl = stream_perplexity(folder, self.windows, self.device, progress=False)["ppl"]
         entry = {"score": finite(ppl), "params_after": result.params_after, "ratio_reached": result.ratio}
-        return entry, dict(full_compress_s=t1 - t0, search_ppl_s=time.perf_counter() - t1, full_passes=0, pass_s=0.0), folder
+        passes, seconds = result.recompute
+        timing = dict(full_compress_s=t1 - t0, search_ppl_s=time.perf_counter() - t1, full_passes=passes,
+                      pass_s=seconds / max(passes, 1))
+        return entry, timing, folder
+
+    def order_score(self, g: Genome, calib: torch.Tensor) -> dict:
+        """The score of ``g``'s layer order (as :meth:`vac.search.scoring.InMemoryEngine.order_score`):
+        ``g`` compressed by the streamed ``vac compress`` from the order windows ``calib``, its
+        checkpoint scored on the search windows and removed."""
+        import time
+
+        from ..config import CompressConfig
+
+        t0 = time.perf_counter()
+        cfg = CompressConfig(g.strategy(self.setup.ratio, full=True, **self.setup.grid()), self.setup.order_data())
+        folder = self.cache / "orders" / hashlib.sha256(g.full_key().encode()).hexdigest()[:16]
+        stage("the order scores", self.needs["the full re-scores"])  # a smaller streamed compression
+        try:
+            stream_compress(self.source, None, cfg, calib, folder, device=self.device, overwrite=True, progress=False)
+            ppl = stream_perplexity(folder, self.windows, self.device, progress=False)["ppl"]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {"score": finite(ppl), "seconds": time.perf_counter() - t0}
 
     def eval_ppl(self, g: Genome, handle, windows: torch.Tensor) -> float:
         folder = handle if handle is not None and (Path(handle) / "config.json").is_file() else self._compress(g)[0]
