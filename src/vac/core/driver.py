@@ -214,7 +214,7 @@ def sequential_passes(order: list[int]) -> int:
         remaining.remove(i)
         passes += i - max(b for b in cache if b <= i)
         valid = {b for b in cache | {i} if b <= i}
-        cache = {b for b in valid if b in _starts(valid, remaining).values()}
+        cache = {b for b in valid if b in boundary_starts(valid, remaining).values()}
     return passes
 
 
@@ -231,11 +231,11 @@ def held_boundaries(order: list[int]) -> int:
             cache |= {i}
             most = max(most, len(cache) + 1)
             valid = ({b for b in cache if b <= i} if changes else cache) | {i + 1}
-            cache = {b for b in valid if b in _starts(valid, remaining).values()}
+            cache = {b for b in valid if b in boundary_starts(valid, remaining).values()}
     return most
 
 
-def _starts(cache, remaining: list[int]) -> dict[int, int]:
+def boundary_starts(cache, remaining: list[int]) -> dict[int, int]:
     """For each layer still to do, the cached boundary its inputs would be computed from."""
     return {j: max(b for b in cache if b <= j) for j in remaining}
 
@@ -275,7 +275,7 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
                     dense[i + 1] = [stream.layer(i, h, b) for h, b in zip(dense_hidden, batches)]
         target = {"own": own, "dense": dense.get(i + 1)}.get(s.refine)
         if track_dense:
-            starts = _starts(dense, remaining)
+            starts = boundary_starts(dense, remaining)
             dense = {b: h for b, h in dense.items() if b in starts.values()}
             originals[i] = stream.layers[i]
             # keep the dense original of a layer while a later dense pass goes through it
@@ -294,4 +294,4 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
         if refined is not None and refined.outputs is not None:  # the refined layer's outputs: boundary i + 1
             valid[i + 1] = refined.outputs
         del refined
-        compressed = {b: h for b, h in valid.items() if b in _starts(valid, remaining).values()}
+        compressed = {b: h for b, h in valid.items() if b in boundary_starts(valid, remaining).values()}

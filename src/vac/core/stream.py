@@ -56,7 +56,7 @@ from . import distributed as dist
 from .allocate import ALLOCATIONS, DENSE, Matrix, assign_ranks, total_params
 from .calibrate import FisherStats, LayerStream, input_hooks, window_loss
 from .heap import bounded_heap, trim_heap
-from .driver import Result, _starts, held_boundaries
+from .driver import Result, boundary_starts, held_boundaries
 from .memory import Shapes, stage_bytes
 from .methods import decompose, strategy_weighting, tail_energy
 from .orders import layer_order
@@ -612,7 +612,7 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
         return hidden
 
     def kept(cache: dict) -> dict:  # the boundaries a remaining layer starts from
-        return {b: h for b, h in cache.items() if b in _starts(cache, remaining).values()}
+        return {b: h for b, h in cache.items() if b in boundary_starts(cache, remaining).values()}
 
     bar = tqdm(order, desc=f"factorize ({s.method}, streamed)", unit="layer", disable=not progress)
     for i in bar:
