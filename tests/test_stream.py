@@ -80,7 +80,8 @@ def test_an_order_that_steps_back_holds_more_boundaries_and_the_plan_counts_them
     assert held_boundaries([0, 1, 2]) == 2 and held_boundaries([1, 2, 0]) == 3
     loads, stages = [], {}
     real_load = stream_module.Layers.load
-    monkeypatch.setattr(stream_module.Layers, "load", lambda self, i, *a, **k: loads.append(i) or real_load(self, i, *a, **k))
+    monkeypatch.setattr(stream_module.Layers, "load",
+                        lambda self, i, *a, **k: loads.append(i) or real_load(self, i, *a, **k))
     monkeypatch.setattr(stream_module, "stage", lambda name, needs=0: stages.setdefault(name, needs))
     stream_compress(root / "dense", None, CompressConfig.of(**BASE, order="middle-out"), tokens(8, 32),
                     tmp_path / "out", progress=False, stats_cache=False)

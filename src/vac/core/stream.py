@@ -17,8 +17,9 @@ C. **Allocation**: the knapsack over the curves (megabytes).
 D. **Factorization**, in the strategy's layer order: each layer's statistics come from inputs that
    passed the layers below it as they are then (sequential: the compressed ones as stored; from the
    nearest cached boundary, so front to back passes each layer once and an order that steps back
-   down re-runs the layers changed since) or the dense ones; with ``refine`` its factors are then fitted to the dense outputs (:mod:`vac.core.refine`;
-   target ``dense`` keeps the dense model's stream beside the compressed one); the factorized layer
+   down re-runs the layers changed since) or the dense ones; with ``refine`` its factors are then
+   fitted to the dense outputs (:mod:`vac.core.refine`; target ``dense`` keeps the dense model's
+   stream beside the compressed one); the factorized layer
    is written to its own shard at once and the windows pass it as stored.
 
 Everything a pass produces is kept in a work folder beside the output (``.OUT.partial``): the analysis

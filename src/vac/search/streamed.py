@@ -255,7 +255,8 @@ class StreamedEngine:
 
         reader, s, n = self.layers.reader, self.setup, len(self.layers)
         shapes = Shapes.of(self.model.config, arch_for(self.model), lambda name: reader.shape(f"{name}.weight"))
-        orders = [layer_order(name, n) for name in ORDERS] + [outward(n, i, up) for i in range(n) for up in (True, False)]
+        orders = [layer_order(name, n) for name in ORDERS]
+        orders += [outward(n, start, up) for start in range(n) for up in (True, False)]
         return search_bytes(shapes, population=s.population, search_windows=len(windows), calib_windows=len(calib),
                             seq_len=calib.shape[1], fisher_windows=s.fisher_windows,
                             batch_size=s.data_config().batch_size,
