@@ -451,7 +451,7 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     clock = {}
     arch, n = layers.arch, len(layers)
     matrices = [Matrix(p, *_shape(reader, p)) for p in arch.decoder_linears(n)]
-    order = layer_order(s.order, n) if s.sequential else list(range(n))  # as the factorization pass runs it
+    order = layer_order(s.order, n) if s.sequential else list(range(n))  # the factorization's (moot if not sequential)
     plan = partial(stage_bytes, Shapes.of(model.config, arch, lambda name: reader.shape(f"{name}.weight")),
                    held=held_boundaries(order),
                    windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
@@ -506,7 +506,7 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     largest = max(sum(m.params(ranks[m.path]) for m in matrices if m.path.startswith(f"{arch.layer_path(i)}."))
                   for i in range(n))
     stage("the factorization", plan(largest_layer=largest)["the factorization"])
-    recompute = _factorize_pass(layers, windows, analysis, s, d.batch_size, dtype, work, progress)
+    recompute = _factorize_pass(layers, windows, analysis, s, order, d.batch_size, dtype, work, progress)
     clock["factorization"] = time.perf_counter() - t0
     layers.release_all()  # before the assembly and the caller's measurements load their own copies
     kept = {p: r for p, r in ranks.items() if r != DENSE}
@@ -568,7 +568,8 @@ def _layer_file(work: Path, i: int) -> Path:
 
 
 @torch.no_grad()
-def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: int, dtype, work: Path, progress):
+def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, order: list[int], batch_size: int, dtype,
+                    work: Path, progress):
     """Pass D, in the strategy's layer order; each finished layer is written to its shard. Sequential:
     a layer's statistics come from windows that passed the layers below it in their current state
     (factorized ones as stored, so a resumed run feeds the later layers the same inputs), from the
@@ -578,7 +579,6 @@ def _factorize_pass(layers: Layers, windows, analysis: Analysis, s, batch_size: 
     from ..checkpoint.hf.modeling_vac import replace_with_low_rank
 
     stream, n, keep = layers.stream, len(layers), layers.keep
-    order = layer_order(s.order, n) if s.sequential else list(range(n))
     batches = list(dist.share(windows).split(batch_size))
     # boundary -> hidden states entering that layer: the compressed stream and (refine target
     # ``dense``) the dense model's stream, for its targets
