@@ -2,8 +2,10 @@
 
 For each layer order, the default genes (vac, its Fisher exponent, split and allocation, refinement)
 in that order are scored twice, by the same functions ``vac search`` uses
-(:class:`vac.search.scoring.InMemoryEngine`): the *order score* (``order_score``: sequential, from
-``SearchSetup.order_windows`` calibration windows of ``order_seq_len`` tokens) and the *full score*
+(:class:`vac.search.scoring.InMemoryEngine`): the *order score* (``short_score``: sequential, from
+``SearchSetup.order_windows`` calibration windows of ``order_seq_len`` tokens, with the full run's dense
+statistics; the scores made before with the short windows' own statistics are kept as
+``order_short_statistics``) and the *full score*
 (``full``: what ``vac compress`` computes, 64 windows of 512 tokens); both are perplexities on the
 search split (``SearchSetup.search_data``, first ``search_windows`` windows). No evaluation split is
 read. Reported: both scores and their seconds per order, and Spearman's rank correlation over the
@@ -50,14 +52,22 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
 
 
+def setup_key(setup: SearchSetup) -> dict:
+    """What the scores depend on: the setup and the default genes each genome is scored with (entries
+    made under other defaults are not reused), and the short compressions' statistics: the full run's
+    (before: their own, from the short windows; the order scores made so are kept in the entries as
+    ``order_short_statistics``)."""
+    return setup.to_json() | {"defaults": StrategyConfig(ratio=setup.ratio).resolved().to_dict(),
+                              "short_statistics": "full"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--orders", nargs="+", default=list(ORDERS), help="layer orders (vac compress --order syntax)")
     ap.add_argument("--no-full", action="store_true", help="the order scores only")
     args = ap.parse_args(argv)
     setup = SearchSetup(eval_data="")  # no evaluation text: the scores rank orders for the search
-    # the default genes each order is scored with: entries made under other defaults are not reused
-    key = setup.to_json() | {"defaults": StrategyConfig(ratio=setup.ratio).resolved().to_dict()}
+    key = setup_key(setup)
     doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if doc.get("setup") != key:
         doc = {"setup": key, "entries": {}}
@@ -81,7 +91,7 @@ def main(argv=None):
             if phase in entry:
                 continue
             t0 = time.perf_counter()
-            score = engine.order_score(g, small)["score"] if phase == "order" else engine.full(g)[0]["score"]
+            score = engine.short_score(g, small)["score"] if phase == "order" else engine.full(g)[0]["score"]
             entry[phase] = {"score": score, "seconds": time.perf_counter() - t0}
             write_json(RESULTS, doc)
             print(f"{name}: {phase} score {score:.3f} ({entry[phase]['seconds']:.0f} s)", flush=True)

@@ -16,12 +16,12 @@ from vac.errors import VacError
 from vac.search.space import SearchSetup
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-DECIDING = {"allocation_probe.py", "strategy_probe.py", "order_proxy.py", "recovery_probe.py"}
+DECIDING = {"allocation_probe.py", "strategy_probe.py", "order_proxy.py", "short_proxy.py", "recovery_probe.py"}
 REPORTING_NAMES = {"DEFAULT_EVAL", "REPORT_EVALS", "EvalConfig"}
 # every corpus split named literally in each benchmark (reporting scripts may name eval splits)
 SPLITS_NAMED = {
     "allocation_probe.py": set(),
-    "order_proxy.py": set(),
+    "order_proxy.py": set(), "short_proxy.py": set(),
     "strategy_probe.py": {"handbook:calib", "web-bible:calib+shakespeare:calib", "handbook:calib+{self}",
                           "web-bible:calib+shakespeare:calib+handbook:calib+{self}"},
     "decode_probe.py": set(), "distill_memory.py": set(), "gpu_check.py": set(), "quality.py": set(), "scale.py": set(), "search.py": set(),

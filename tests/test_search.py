@@ -51,7 +51,7 @@ def setup_for(files, **kw) -> SearchSetup:
     base = dict(model=str(files / "tiny"), ratio=1.5, population=4, calib=str(files / "calib.txt"),
                 search_data=str(files / "search.txt"), eval_data=str(files / "eval.txt"), calib_windows=8,
                 fisher_windows=4, seq_len=32, search_windows=4, eval_windows=4, rank_step=4, rank_floor=4,
-                order_windows=4, order_seq_len=32)
+                order_windows=4, order_seq_len=32, proxy_score="truncation")
     if kw.get("proxy") is False:
         base["order_windows"] = 0
     return SearchSetup(**base | kw)
@@ -115,7 +115,8 @@ def test_order_mutations_stay_in_the_outward_family():
 
 
 def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path):
-    """The order score is a sequential compression (the default genes) from the order windows: two
+    """The order score is a sequential compression (the default genes) from the order windows with the
+    full run's dense statistics: two
     orders of the same genes score differently, exactly as the pipeline compresses them, and two genomes
     that differ only in the order get fitnesses in the ratio of their order scores."""
     from vac.search.scoring import InMemoryEngine
@@ -128,11 +129,12 @@ def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path
     engine.prepare(calib, windows)
     small = setup.order_calibration(tok)
     front, back = Genome.default(4), replace(Genome.default(4), order=(3, 2, 1, 0))
-    scores = [engine.order_score(g, small)["score"] for g in (front, back)]
+    scores = [engine.short_score(g, small)["score"] for g in (front, back)]
     assert scores[0] != pytest.approx(scores[1], rel=1e-3), scores
     net = copy.deepcopy(engine.model)
-    compress(net, small, CompressConfig(back.strategy(setup.ratio, full=True, **setup.grid()), setup.order_data()),
-             progress=False)
+    cfg = setup.short_config(back)  # back's genes, the short windows, the refinement at order_refine_steps
+    assert cfg.strategy == replace(back.strategy(setup.ratio, full=True, **setup.grid()), refine_steps=8)
+    compress(net, small, cfg, progress=False, stats=engine.seq_stats)  # with the full run's dense statistics
     assert scores[1] == pytest.approx(perplexity(net, windows, progress=False)["ppl"], rel=1e-5)
 
     summary = run_search(setup, tmp_path / "s", generations=2, progress=False, log=lambda _m: None)
@@ -143,6 +145,47 @@ def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path
         order = orders[",".join(map(str, entry["genome"]["order"]))]["score"]
         assert entry["score"] == pytest.approx(entry["truncation"] * order / base, rel=1e-12)
     assert len(summary["orders"]) == len(orders) >= 2 and "order score" in summary["fitness"]
+
+
+def test_short_proxy_scores_every_gene_by_a_short_refined_compression(files, tmp_path):
+    """``proxy_score="short"``: a genome's fitness is its own short sequential compression (every gene,
+    the refinement at ``order_refine_steps``), exactly as the pipeline compresses it from the order
+    windows; genes other than the order change it."""
+    from vac.search.scoring import InMemoryEngine
+
+    setup = setup_for(files, proxy_score="short", order_refine_steps=3, population=3)
+    engine = InMemoryEngine(setup, tmp_path / "cache", progress=False)
+    tok = engine.tokenizer
+    calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
+    windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
+    engine.prepare(calib, windows)
+    small = setup.order_calibration(tok)
+    default = Genome.default(4)
+    other = replace(default, exponent=1.0, attn=1.0)
+    scores = [engine.short_score(g, small)["score"] for g in (default, other)]
+    assert scores[0] != pytest.approx(scores[1], rel=1e-3), scores
+    cfg = setup.short_config(other)
+    assert cfg.strategy.refine_steps == 3 and cfg.strategy.refine == "dense" and cfg.data.seq_len == 32
+    net = copy.deepcopy(engine.model)
+    compress(net, small, cfg, progress=False, stats=engine.seq_stats)
+    assert scores[1] == pytest.approx(perplexity(net, windows, progress=False)["ppl"], rel=1e-5)
+
+    summary = run_search(setup, tmp_path / "s", generations=1, progress=False, log=lambda _m: None)
+    state = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert len(state["archive"]) == 3 and "proxy" not in state  # no truncation score was made
+    for key, entry in state["archive"].items():
+        assert entry["score"] == state["short"][key]["score"]
+    assert state["short"][default.full_key()]["score"] == pytest.approx(scores[0], rel=1e-9)
+    for entry in state["archive"].values():  # the first population: the default and its mutants
+        g = Genome.from_dict(entry["genome"])
+        changed = [f for f in ("order", "method", "exponent", "attn", "allocation") if getattr(g, f) != getattr(default, f)]
+        changed += [k for k, w in enumerate(g.log_weights) if w != 0]
+        assert len(changed) <= 2 and (len(changed) >= 1 or g == default), changed
+    assert "short sequential compression" in summary["fitness"]
+    with pytest.raises(VacError, match="--proxy-score must be one of truncation, short"):
+        setup_for(files, proxy_score="full")
+    with pytest.raises(VacError, match="--proxy-score short needs --order-windows above 0"):
+        setup_for(files, proxy_score="short", order_windows=0)
 
 
 def test_order_score_needs_the_proxy_search(files):

@@ -98,14 +98,18 @@ def test_streamed_search_equals_the_in_memory_search(files, tmp_path):
         assert orders[1][key]["score"] == pytest.approx(orders[0][key]["score"], rel=1e-4), key
 
 
-def test_streamed_order_score_equals_the_in_memory_one(files, tmp_path):
+def test_streamed_short_score_equals_the_in_memory_one(files, tmp_path):
     memory, streamed = engines(files, tmp_path)
     setup = memory.setup
     calib = setup.order_calibration(memory.tokenizer)
     middle = replace(Genome.default(4), order=(2, 3, 1, 0))
-    scores = [e.order_score(g, calib)["score"] for g in (Genome.default(4), middle) for e in (memory, streamed)]
-    assert scores[1] == pytest.approx(scores[0], rel=1e-4) and scores[3] == pytest.approx(scores[2], rel=1e-4)
+    other = replace(middle, exponent=1.0, attn=1.0)  # the short proxy scores every gene
+    genomes = (Genome.default(4), middle, other)
+    scores = [e.short_score(g, calib)["score"] for g in genomes for e in (memory, streamed)]
+    for i in (0, 2, 4):  # the same short windows and the same dense statistics (the full run's)
+        assert scores[i + 1] == pytest.approx(scores[i], rel=1e-4), i
     assert scores[0] != pytest.approx(scores[2], rel=1e-3)  # the order changes the score
+    assert scores[2] != pytest.approx(scores[4], rel=1e-3)  # so do the other genes
 
 
 def test_streamed_search_resumes_after_a_kill(files, tmp_path, monkeypatch):

@@ -34,10 +34,15 @@ def search(
     top_k: int = typer.Option(SearchSetup.top_k, help="proxy-best genomes re-scored with the full (sequential) config"),
     proxy: bool = typer.Option(True, "--proxy/--no-proxy", help="score candidates non-sequentially from cached "
                                "factors (fast), the top-k fully at the end; --no-proxy: every candidate fully"),
-    order_windows: Optional[int] = typer.Option(None, help="score each layer order by a sequential compression of "
+    order_windows: Optional[int] = typer.Option(None, help="score each layer order (--proxy-score short: each genome) by a sequential compression of "
                                                 "the default genes from this many short calibration windows "
                                                 "(0: the proxy stays blind to the order) [default: 8 in memory]"),
     order_seq_len: int = typer.Option(SearchSetup.order_seq_len, help="window length of the order score"),
+    order_refine_steps: Optional[int] = typer.Option(None, help="refinement steps per layer of the short "
+                                                     "compressions [default: the strategy's]"),
+    proxy_score: str = typer.Option(SearchSetup.proxy_score, help="a genome's proxy fitness: truncation (cached "
+                                    "factors, no sequential pass) times its order's score; short: its own short "
+                                    "sequential compression with refinement, every gene (minutes each)"),
     rank_step: int = typer.Option(StrategyConfig.rank_step, help="rank grid step of the allocation"),
     rank_floor: int = typer.Option(StrategyConfig.rank_floor, help="smallest rank a matrix can get"),
     workers: int = typer.Option(1, help="worker processes scoring candidates in parallel (proxy scoring)"),
@@ -58,7 +63,8 @@ def search(
         model=model, ratio=ratio, population=population, seed=seed, search_data=search_data,
         search_windows=search_windows, eval_data=eval_data, eval_windows=eval_windows, rank_step=rank_step,
         rank_floor=rank_floor, top_k=top_k, proxy=proxy, streamed=streamed, order_windows=order_windows,
-        order_seq_len=order_seq_len, **{k: getattr(data, k) for k in DATA_FIELDS},
+        order_seq_len=order_seq_len, order_refine_steps=order_refine_steps, proxy_score=proxy_score,
+        **{k: getattr(data, k) for k in DATA_FIELDS},
     )
     log = lambda msg: err.print(msg, highlight=False)  # noqa: E731
     if ablation and streamed:

@@ -6,7 +6,6 @@ filled in) on entry.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -209,13 +208,7 @@ def sequential_passes(order: list[int]) -> int:
     hands over the refined layer's outputs) to feed the layers in
     ``order``: L − 1 front-to-back, about L²/3 middle-out (each step back up the stack re-runs every
     layer changed since). Mirrors its boundary cache; the search uses it to cost an order."""
-    cache, remaining, passes = {0}, list(order), 0
-    for i in order:
-        remaining.remove(i)
-        passes += i - max(b for b in cache if b <= i)
-        valid = {b for b in cache | {i} if b <= i}
-        cache = {b for b in valid if b in boundary_starts(valid, remaining).values()}
-    return passes
+    return _walk(order, drops_above=True, hands_over=False)[0]
 
 
 def held_boundaries(order: list[int]) -> int:
@@ -223,21 +216,36 @@ def held_boundaries(order: list[int]) -> int:
     holds at once for ``order``: the cached ones, the one entering the layer being done and the one
     leaving it. 2 front to back; more when the order steps back down (the compressed stream drops the
     boundaries above a changed layer, the dense stream keeps them while a later layer starts there)."""
-    most = 0
-    for changes in (True, False):  # the compressed stream, the dense stream
-        cache, remaining = {0}, list(order)
-        for i in order:
-            remaining.remove(i)
-            cache |= {i}
-            most = max(most, len(cache) + 1)
-            valid = ({b for b in cache if b <= i} if changes else cache) | {i + 1}
-            cache = {b for b in valid if b in boundary_starts(valid, remaining).values()}
-    return most
+    return max(_walk(order, drops_above=d, hands_over=True)[1] for d in (True, False))
+
+
+def _walk(order: list[int], *, drops_above: bool, hands_over: bool) -> tuple[int, int]:
+    """``(passes, most held)`` of one stream's boundary cache over ``order``: each layer starts from
+    the nearest cached boundary below it; after it, the cache keeps only the boundaries a layer still
+    to do starts from. ``drops_above``: the layer changed, so boundaries above it are stale (the
+    compressed stream); ``hands_over``: its outputs become boundary i + 1 (refinement, dense stream)."""
+    cache, remaining, passes, most = {0}, list(order), 0, 0
+    for i in order:
+        remaining.remove(i)
+        passes += i - max(b for b in cache if b <= i)
+        cache |= {i}
+        most = max(most, len(cache) + 1)
+        valid = ({b for b in cache if b <= i} if drops_above else cache) | ({i + 1} if hands_over else set())
+        cache = {b for b in valid if b in boundary_starts(valid, remaining).values()}
+    return passes, most
 
 
 def boundary_starts(cache, remaining: list[int]) -> dict[int, int]:
     """For each layer still to do, the cached boundary its inputs would be computed from."""
     return {j: max(b for b in cache if b <= j) for j in remaining}
+
+
+def _still_dense(j: int, done: set[int]) -> None:
+    """The module the dense stream runs for layer ``j``: the model's own (``None``), which is still
+    dense. Finishing layer i caches dense boundary i + 1, so every later start is above i and the
+    dense stream never walks a factorized layer (asserted; no dense copy of a layer is kept)."""
+    assert j not in done, f"the dense stream reached factorized layer {j}"
+    return None
 
 
 def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tally=None):
@@ -256,15 +264,15 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
     batches = list(windows.split(cfg.data.batch_size))
     with torch.no_grad():
         embedded = [stream.embed(b) for b in batches]
-    compressed, dense, originals = {0: embedded}, {0: embedded}, {}
+    compressed, dense = {0: embedded}, {0: embedded}
     track_dense = s.correct or s.refine == "dense"
-    remaining = list(order)
+    remaining, done = list(order), set()
     bar = tqdm(order, desc=f"factorize ({s.method}, sequential)", unit="layer", disable=not progress)
     for i in bar:
         remaining.remove(i)
         hidden = _advance(stream, compressed, i, batches, lambda j: None, tally)
         if track_dense:
-            dense_hidden = _advance(stream, dense, i, batches, lambda j: originals.get(j))
+            dense_hidden = _advance(stream, dense, i, batches, lambda j: _still_dense(j, done))
         own = None  # the dense layer's outputs on the compressed inputs
         if s.correct:
             layer_stats, dense[i + 1] = layer_pair_stats(stream, i, hidden, dense_hidden, batches)
@@ -277,10 +285,7 @@ def _sequential(model, stream, order, windows, ranks, stats, cfg, progress, tall
         if track_dense:
             starts = boundary_starts(dense, remaining)
             dense = {b: h for b, h in dense.items() if b in starts.values()}
-            originals[i] = stream.layers[i]
-            # keep the dense original of a layer while a later dense pass goes through it
-            originals = {k: copy.deepcopy(m) if k == i else m for k, m in originals.items()
-                         if any(s <= k < j for j, s in starts.items())}
+            done.add(i)
         stats.inputs.update(layer_stats)
         factorize_layer(model, i, ranks, stats, cfg)
         refined = None

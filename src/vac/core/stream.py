@@ -408,17 +408,19 @@ def streamable(cfg: CompressConfig) -> str | None:
     return "--correct" if cfg.strategy.resolved().correct else None
 
 
-def _key(source: Path, cfg: CompressConfig, dtype: torch.dtype, windows: torch.Tensor) -> str:
+def _key(source: Path, cfg: CompressConfig, dtype: torch.dtype, windows: torch.Tensor, statistics=None) -> str:
     from ..cache import cache_key
 
+    tensors = [windows] if statistics is None else [windows, statistics]
     return cache_key(str(source), WORK_FORMAT, cfg.to_dict(), str(dtype),
-                     hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()) or ""
+                     *(hashlib.sha256(w.cpu().numpy().tobytes()).hexdigest() for w in tensors)) or ""
 
 
 def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, windows: torch.Tensor,
                     out: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
                     overwrite: bool = False, finish=None, stats_cache: bool = True, progress: bool = True,
-                    log=None, offload_dir: str | os.PathLike | None = None) -> Result:
+                    log=None, offload_dir: str | os.PathLike | None = None,
+                    statistics: torch.Tensor | None = None) -> Result:
     """Compress the model folder ``source`` into the checkpoint folder ``out``, one layer at a time.
 
     ``dtype``: storage dtype of the checkpoint (default: the source's). ``stats_cache``: reuse the
@@ -426,7 +428,11 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     whatever the ratio or allocation). ``finish(folder, result)``
     may return more files (name → JSON dict, bytes or text, e.g. ``report.json``) once the checkpoint
     is complete in its work folder (it can be loaded and measured there) and before it is renamed.
-    ``offload_dir``: keep the calibration hidden states there instead of in memory (:mod:`vac.core.offload`)."""
+    ``offload_dir``: keep the calibration hidden states there instead of in memory (:mod:`vac.core.offload`).
+    ``statistics``: the windows the dense statistics (Fisher pass, allocation curves) come from, the first
+    ``fisher_windows`` of them (default: of ``windows``), as ``driver.compress`` given ``stats`` (the
+    search's short compressions take the full run's statistics, sequential pass and refinement on few
+    windows)."""
     cfg = cfg.resolved()
     if why := streamable(cfg):
         raise VacError(f"streamed compression does not support {why}")
@@ -440,13 +446,13 @@ def stream_compress(source: str | os.PathLike, tokenizer, cfg: CompressConfig, w
     layers = Layers(model, reader, device, offload_dir)
     try:
         return _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, finish, stats_cache,
-                       progress, log, started)
+                       progress, log, started, statistics)
     finally:
         layers.keep.close()
 
 
 def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, finish, stats_cache, progress, log,
-            started) -> Result:
+            started, statistics=None) -> Result:
     s, d, model, reader, device = cfg.strategy, cfg.data, layers.model, layers.reader, layers.device
     clock = {}
     arch, n = layers.arch, len(layers)
@@ -457,9 +463,13 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
                    windows=len(windows), seq_len=windows.shape[1], fisher_windows=d.fisher_windows,
                    batch_size=d.batch_size, offload=layers.keep.folder is not None, refine=s.refine)
     needs = plan()  # the factorization's figure is made again once the rank map is known
+    sources = windows if statistics is None else statistics  # of the dense statistics
+    if statistics is not None:
+        needs |= {k: v for k, v in plan(windows=len(sources), seq_len=sources.shape[1]).items()
+                  if k in ("the Fisher pass", "the allocation curves")}
     main = dist.is_main()  # several ranks (vac.core.distributed): rank 0 alone writes files
     work = out.with_name(f".{out.name}.partial")
-    key = _key(source, cfg, dtype, windows)
+    key = _key(source, cfg, dtype, windows, statistics)
     manifest = {"format": WORK_FORMAT, "key": key}
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -475,13 +485,14 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
     analysis = _load_analysis(work / "analysis.pt")
     if analysis is None:
         curves_needed = ALLOCATIONS[s.allocation].needs_curves
-        cached = _analysis_cache(source, cfg, windows, curves_needed) if stats_cache else None
+        cached = _analysis_cache(source, cfg, sources, curves_needed) if stats_cache else None
         analysis = _load_analysis(cached) if cached else None
         if analysis is not None and log:
             log(f"dense statistics from {cached} (Fisher sums and allocation curves)")
         analysis = analysis or Analysis()
         dist.barrier()  # every rank has read the caches before rank 0 writes them
-        fisher_windows = windows[: d.fisher_windows]
+        sources = sources.to(device)
+        fisher_windows = sources[: d.fisher_windows]
         t0 = time.perf_counter()
         stage("the Fisher pass", needs["the Fisher pass"])
         if s.needs_fisher and not analysis.fisher:
@@ -492,7 +503,7 @@ def _stream(layers, source, tokenizer, cfg, windows, out, dtype, overwrite, fini
         t0 = time.perf_counter()
         stage("the allocation curves", needs["the allocation curves"])
         if curves_needed and not analysis.curves:
-            curve_pass(layers, fisher_windows if s.sequential else windows, analysis, s, d.batch_size, progress)
+            curve_pass(layers, fisher_windows if s.sequential else sources, analysis, s, d.batch_size, progress)
         if cached and main:
             torch_save(Analysis(analysis.fisher, analysis.curves).pack(), cached)
         for m in matrices:

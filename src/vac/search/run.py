@@ -181,6 +181,11 @@ class _Run:
                 archive[self.key(g)] = dict(entry, generation=generation)
                 self.save()
             return len(genomes)
+        if self.setup.proxy_score == "short":
+            for g in genomes:
+                archive[self.key(g)] = dict(self.short_entry(g), genome=g.to_dict(), generation=generation)
+                self.save()
+            return len(genomes)
         truncated = self.state.setdefault("proxy", {})  # truncation scores by proxy key (blind to the order)
         need = list({g.proxy_key(): g for g in genomes if g.proxy_key() not in truncated}.values())
         results = iter(self.engine.proxy(need))  # in the order of the genomes that need one
@@ -202,11 +207,22 @@ class _Run:
         key = ",".join(map(str, order))
         if key not in orders:
             g = replace(self.default, order=tuple(order))
-            orders[key] = self.engine.order_score(g, self.order_calib)
+            orders[key] = self.engine.short_score(g, self.order_calib)
             self.save()
             self.log(f"order {describe_order(order)}: order score {orders[key]['score']:.3f} "
                      f"({orders[key]['seconds']:.0f} s)")
         return orders[key]
+
+    def short_entry(self, g: Genome) -> dict:
+        """The short score of ``g`` (memoized in the state): ``g`` compressed sequentially from the
+        order windows, every gene and the refinement included, scored on the search windows."""
+        short = self.state.setdefault("short", {})
+        if g.full_key() not in short:
+            short[g.full_key()] = self.engine.short_score(g, self.order_calib)
+            self.save()
+            self.log(f"short score {g.describe()}: {short[g.full_key()]['score']:.3f} "
+                     f"({short[g.full_key()]['seconds']:.0f} s)")
+        return short[g.full_key()]
 
     def full_s(self, g: Genome) -> float:
         """Estimated seconds of a full re-score of ``g`` (0 once done)."""
@@ -232,7 +248,7 @@ class _Run:
         setup = self.setup
         if self.state is None:
             rng = random.Random(setup.seed)
-            pop = self.space.initial(rng, setup.population, self.key)
+            pop = self.space.initial(rng, setup.population, self.key, near=setup.proxy_score == "short")
             self.state = {"format": 1, "setup": setup.to_json(), "generation": 0,
                           "population": [g.to_dict() for g in pop], "rng": _rng_state(rng),
                           "archive": {}, "full": {}, "eval": {}, "history": [], "elapsed_s": self.elapsed(),
@@ -287,6 +303,10 @@ class _Run:
             return "full config"
         if not self.setup.order_windows:
             return "proxy: sequential=False"
+        steps = self.setup.order_refine_steps or StrategyConfig.refine_steps
+        if self.setup.proxy_score == "short":
+            return (f"proxy: short sequential compression ({self.setup.order_windows}x{self.setup.order_seq_len} "
+                    f"calibration, refinement {steps} steps)")
         return (f"proxy: sequential=False x order score ({self.setup.order_windows}x{self.setup.order_seq_len} "
                 "sequential, relative to the default order)")
 

@@ -23,7 +23,7 @@ from ..core.allocate import (
     total_params,
 )
 from ..core.calibrate import Statistics
-from ..core.driver import compress, dense_statistics, fisher_part, input_part
+from ..core.driver import compress, fisher_part, input_part
 from ..core.evaluate import perplexity
 from ..core.methods import decompose, tail_energy, weighting
 from ..models.families import arch_for
@@ -210,7 +210,6 @@ class InMemoryEngine:
         if self.tokenizer is None:
             raise VacError(f"{setup.model} has no tokenizer")
         self.pool = None
-        self.order_stats: Statistics | None = None
 
     def prepare(self, calib: torch.Tensor, windows: torch.Tensor) -> None:
         """The dense statistics (from the statistics cache of ``vac compress``) and the proxy scorer."""
@@ -261,18 +260,16 @@ class InMemoryEngine:
                       pass_s=result.recompute[1] / max(result.recompute[0], 1))
         return entry, timing, modules
 
-    def order_score(self, g: Genome, calib: torch.Tensor) -> dict:
-        """The score of ``g``'s layer order: ``g`` compressed sequentially as ``vac compress`` does (its
-        refinement included), from the few short calibration windows ``calib`` of
-        :meth:`SearchSetup.order_data`; its perplexity on the search windows. The dense statistics of
-        ``calib`` are computed once for all orders."""
+    def short_score(self, g: Genome, calib: torch.Tensor) -> dict:
+        """The short score of ``g`` (of its layer order, or under ``proxy_score="short"`` of every gene):
+        ``g`` compressed sequentially as ``vac compress`` does, refinement included
+        (:meth:`SearchSetup.short_config`), from the few short calibration windows ``calib`` of
+        :meth:`SearchSetup.order_data`, the dense statistics (Fisher, allocation) the full re-scores' own;
+        its perplexity on the search windows."""
         from ..models.layers import applied
 
         t0 = time.perf_counter()
-        cfg = CompressConfig(g.strategy(self.setup.ratio, full=True, **self.setup.grid()), self.setup.order_data())
-        if self.order_stats is None:
-            self.order_stats = dense_statistics(self.model, calib, cfg, progress=False)
-        modules, result = full_compress(self.model, calib, self.order_stats, cfg, self.step_cost)
+        modules, result = full_compress(self.model, calib, self.seq_stats, self.setup.short_config(g), self.step_cost)
         with applied(self.model, modules) as net:
             ppl = perplexity(net, self.windows, progress=False)["ppl"]
         return {"score": finite(ppl), "seconds": time.perf_counter() - t0}

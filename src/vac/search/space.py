@@ -36,6 +36,7 @@ ATTN_SHARES = (0.5, 1.0, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)  # attn_ratio = 1 + (rat
 ALLOCATIONS = tuple(ALLOCATION_REGISTRY)  # type weights matter to "global" only
 LOG_WEIGHT_MAX = 2.0  # type weights are 2^w, w on a grid of 0.5 within ±LOG_WEIGHT_MAX
 SEARCH_METHODS = ("vac", "whiten")
+PROXY_SCORES = ("truncation", "short")  # SearchSetup.proxy_score
 _DEFAULT = StrategyConfig().resolved()
 DEFAULT_EXPONENT = _DEFAULT.fisher_exponent
 DEFAULT_ORDER = _DEFAULT.order
@@ -192,13 +193,14 @@ class Space:
             log_weights=tuple(pick(x, y) for x, y in zip(a.log_weights, b.log_weights)),
         )
 
-    def initial(self, rng: random.Random, size: int, key: Callable[[Genome], str]) -> list[Genome]:
-        """The default genome and ``size − 1`` random ones (distinct keys where possible)."""
+    def initial(self, rng: random.Random, size: int, key: Callable[[Genome], str], near: bool = False) -> list[Genome]:
+        """The default genome and ``size − 1`` random ones (distinct keys where possible); ``near``:
+        mutants of the default instead (where each score costs minutes, start beside the default)."""
         pop = [Genome.default(self.n_layers)]
         seen = {key(pop[0])}
         while len(pop) < size:
             for _ in range(50):
-                g = self.random(rng)
+                g = self.mutate(pop[0], rng) if near else self.random(rng)
                 if key(g) not in seen:
                     break
             pop.append(g)
@@ -273,10 +275,18 @@ class SearchSetup:
     # memory bounded by one decoder layer (vac.search.streamed)
     streamed: bool = False
     # the order gene's score under the proxy: the default genes compressed sequentially in that order on
-    # this many calibration windows of order_seq_len tokens (the engines' order_score); None: 8 under the
+    # this many calibration windows of order_seq_len tokens (the engines' short_score); None: 8 under the
     # proxy, 0 without it (0: the proxy stays blind to the order)
     order_windows: int | None = None
     order_seq_len: int = 256
+    # refinement steps per layer of that short compression (None: the strategy's own, 24; 8 ranks four
+    # genomes as the full compression does, benchmarks/short_proxy.py, at about half the cost)
+    order_refine_steps: int | None = 8
+    # what a genome's proxy fitness is: "short", its own short sequential compression (every gene, the
+    # refinement included) from the order windows; "truncation" (cached factors, no sequential pass, no
+    # refinement, seconds a genome) times its order's short score relative to the default order's, which
+    # misranks genomes under the refinement (benchmarks/results/search.json, short_proxy.json)
+    proxy_score: str = "short"
 
     def __post_init__(self):
         if self.order_windows is None:
@@ -285,6 +295,12 @@ class SearchSetup:
             raise VacError(f"--order-windows must be at least 0, got {self.order_windows}")
         if self.order_windows and not self.proxy:
             raise VacError("--order-windows needs the proxy search (--no-proxy scores every order fully)")
+        if self.proxy_score not in PROXY_SCORES:
+            raise VacError(f"--proxy-score must be one of {', '.join(PROXY_SCORES)}, got '{self.proxy_score}'")
+        if self.proxy and self.proxy_score == "short" and not self.order_windows:
+            raise VacError("--proxy-score short needs --order-windows above 0 (its calibration windows)")
+        if self.order_refine_steps is not None and self.order_refine_steps < 1:
+            raise VacError(f"--order-refine-steps must be at least 1, got {self.order_refine_steps}")
         if self.order_seq_len < 2:
             raise VacError(f"--order-seq-len must be at least 2, got {self.order_seq_len}")
         self.methods = tuple(self.methods)
@@ -319,9 +335,20 @@ class SearchSetup:
         return g.proxy_key() if self.proxy and not self.order_windows else g.full_key()
 
     def order_data(self) -> DataConfig:
-        """The calibration data of the order score (the search's, fewer and shorter windows)."""
-        return DataConfig(calib=self.calib, calib_windows=self.order_windows,
-                          fisher_windows=min(self.fisher_windows, self.order_windows), seq_len=self.order_seq_len)
+        """The calibration data of the short compressions (the search's, fewer and shorter windows). Their
+        dense statistics (Fisher, allocation curves) are the full run's, from its first ``fisher_windows``
+        calibration windows: the engines pass them in (from the short windows, the exponent was misranked,
+        ``benchmarks/short_proxy.py``)."""
+        return DataConfig(calib=self.calib, calib_windows=self.order_windows, fisher_windows=self.fisher_windows,
+                          seq_len=self.order_seq_len)
+
+    def short_config(self, g: Genome) -> CompressConfig:
+        """``g``'s short sequential compression (the engines' ``short_score``): its full strategy, the
+        refinement at ``order_refine_steps``, from the order windows (:meth:`order_data`)."""
+        strategy = g.strategy(self.ratio, full=True, **self.grid())
+        if self.order_refine_steps is not None:
+            strategy = replace(strategy, refine_steps=self.order_refine_steps)
+        return CompressConfig(strategy, self.order_data())
 
     def order_calibration(self, tokenizer):
         """The calibration windows of the order score (:meth:`order_data`, sampled as ``vac compress`` samples)."""

@@ -14,8 +14,8 @@ A generation is scored layers outer, genomes inner (:class:`StreamedScorer`): ea
 from the source shards once per generation, each genome's hidden states pass it with the genome's
 truncated factors put in, and the layer is released. The full re-scores run ``vac compress``'s
 streamed path (:func:`vac.core.stream.stream_compress`) into ``OUT/cache/full/<genome>`` and score the
-checkpoint with :func:`vac.core.stream.stream_perplexity`; so do the order scores, from the few short
-order windows (:meth:`StreamedEngine.order_score`).
+checkpoint with :func:`vac.core.stream.stream_perplexity`; so do the short scores (of orders, or of
+whole genomes), from the few short order windows (:meth:`StreamedEngine.short_score`).
 
 Peak memory: the larger of ``vac compress``'s streamed peak (:mod:`vac.core.memory`) and one layer in
 fp32 + one layer's statistics + one layer's factor set + the search windows' hidden states of every
@@ -301,20 +301,20 @@ class StreamedEngine:
                       pass_s=seconds / max(passes, 1))
         return entry, timing, folder
 
-    def order_score(self, g: Genome, calib: torch.Tensor) -> dict:
-        """The score of ``g``'s layer order (as :meth:`vac.search.scoring.InMemoryEngine.order_score`):
-        ``g`` compressed by the streamed ``vac compress`` from the order windows ``calib``, its
-        checkpoint scored on the search windows and removed."""
+    def short_score(self, g: Genome, calib: torch.Tensor) -> dict:
+        """The short score of ``g`` (as :meth:`vac.search.scoring.InMemoryEngine.short_score`):
+        ``g`` compressed by the streamed ``vac compress`` from the order windows ``calib`` with the full
+        re-scores' dense statistics (their cached Fisher sums and curves), its checkpoint scored on the
+        search windows and removed."""
         import time
 
-        from ..config import CompressConfig
-
         t0 = time.perf_counter()
-        cfg = CompressConfig(g.strategy(self.setup.ratio, full=True, **self.setup.grid()), self.setup.order_data())
+        cfg = self.setup.short_config(g)
         folder = self.cache / "orders" / hashlib.sha256(g.full_key().encode()).hexdigest()[:16]
         stage("the order scores", self.needs["the full re-scores"])  # a smaller streamed compression
         try:
-            stream_compress(self.source, None, cfg, calib, folder, device=self.device, overwrite=True, progress=False)
+            stream_compress(self.source, None, cfg, calib, folder, device=self.device, overwrite=True, progress=False,
+                            statistics=self.calib)
             ppl = stream_perplexity(folder, self.windows, self.device, progress=False)["ppl"]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
