@@ -1,14 +1,14 @@
 """Search benchmark: evolutionary strategy search on the embedded default at 1.8x, at most 60 minutes.
 
-Runs :func:`vac.search.run.run_search` (fitness on austen:search, proxy scoring, the top-k and the
-default re-scored with the full sequential config, the winner and the default scored once on
-austen:eval) and writes ``benchmarks/results/search.json`` with ``default_ppl`` and ``best_ppl``
+Runs :func:`vac.search.run.run_search` (fitness on austen:search by the default proxy, each genome's
+short sequential compression with refinement; the top-k and the default re-scored with the full
+sequential config, the winner and the default scored once on austen:eval) and writes ``benchmarks/results/search.json`` with ``default_ppl`` and ``best_ppl``
 (eval PPL of the default strategy and of the winner), ``minutes``, ``ratio_reached`` and the winning
 strategy, plus a plain verdict (a gain, or no gain, with the numbers). The search state and caches
 live in ``--work`` (outside the repository: the statistics and factor caches take ~2 GB for the
 135M model); rerunning the command resumes.
 
-    .venv/bin/python benchmarks/search.py              # full run (<= 60 min on 2 cores)
+    .venv/bin/python benchmarks/search.py              # full run (<= 60 min on 2 cores; top-1, population 6)
     .venv/bin/python benchmarks/search.py --ablation   # the ablation table, same --work (~50 min)
     .venv/bin/python benchmarks/search.py --minutes 3 --calib-windows 4 \\
         --fisher-windows 2 --seq-len 64 --search-windows 2 --eval-windows 2 --population 3 \\
@@ -44,8 +44,10 @@ def main(argv=None):
     ap.add_argument("--ratio", type=float, default=1.8)
     ap.add_argument("--minutes", type=float, default=60.0, help="budget of the whole run (statistics included)")
     ap.add_argument("--generations", type=int, default=20, help="upper bound; the budget usually stops first")
-    ap.add_argument("--population", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    # a short score costs ~2 min and a full re-score ~12 on 2 cores: 6 genomes a generation and one
+    # re-score leave room for 3 generations in 60 minutes
+    ap.add_argument("--population", type=int, default=6)
+    ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--search-data", default=DEFAULT_SEARCH)
     ap.add_argument("--search-windows", type=int, default=8)

@@ -49,6 +49,7 @@ def genomes(n_layers: int) -> dict[str, Genome]:
         "exponent 1": replace(d, exponent=1.0),  # the truncation proxy's best of the 60-min search
         "middle-out": replace(d, order=tuple(layer_order("middle-out", n_layers))),
         "outward:7": replace(d, order=tuple(layer_order("outward:7", n_layers))),
+        "outward:2": replace(d, order=tuple(layer_order("outward:2", n_layers))),  # the short-proxy search's pick
     }
 
 
@@ -61,11 +62,13 @@ def recorded_full(g: Genome, setup: SearchSetup) -> dict | None:
     """A full score of ``g`` on record (same data, rank grid and defaults), with where it came from."""
     search = json.loads((HERE / "search.json").read_text())
     same = all(search["setup"][k] == setup.to_json()[k] for k in FULL_FIELDS)
-    # its winner was the default genome: its strategy must be today's defaults
-    same &= search["strategy"] == StrategyConfig(ratio=setup.ratio).resolved().to_dict()
+    # the settings no gene sets (refinement, rank grid, ...) of its winner's strategy must be today's defaults
+    genes = {"method", "order", "fisher_exponent", "attn_ratio", "allocation", "type_weights"}
+    defaults = StrategyConfig(ratio=setup.ratio).resolved().to_dict()
+    same &= all(search["strategy"][k] == v for k, v in defaults.items() if k not in genes)
     for c in search.get("final_candidates", []) if same else []:
         if Genome.from_dict(c["genome"]) == g:
-            return {"score": c["search_ppl"], "from": "results/search.json final_candidates"}
+            return {"score": c["search_ppl"], "from": "results/search.json (final_candidates)"}
     orders = json.loads((HERE / "order_proxy.json").read_text())
     if orders["setup"] != setup_key(setup):
         return None

@@ -32,17 +32,17 @@ def search(
                                   "('' to skip)"),
     eval_windows: int = typer.Option(EvalConfig.windows, help="evaluation windows"),
     top_k: int = typer.Option(SearchSetup.top_k, help="proxy-best genomes re-scored with the full (sequential) config"),
-    proxy: bool = typer.Option(True, "--proxy/--no-proxy", help="score candidates non-sequentially from cached "
-                               "factors (fast), the top-k fully at the end; --no-proxy: every candidate fully"),
-    order_windows: Optional[int] = typer.Option(None, help="score each layer order (--proxy-score short: each genome) by a sequential compression of "
-                                                "the default genes from this many short calibration windows "
-                                                "(0: the proxy stays blind to the order) [default: 8 in memory]"),
-    order_seq_len: int = typer.Option(SearchSetup.order_seq_len, help="window length of the order score"),
-    order_refine_steps: Optional[int] = typer.Option(None, help="refinement steps per layer of the short "
-                                                     "compressions [default: the strategy's]"),
-    proxy_score: str = typer.Option(SearchSetup.proxy_score, help="a genome's proxy fitness: truncation (cached "
-                                    "factors, no sequential pass) times its order's score; short: its own short "
-                                    "sequential compression with refinement, every gene (minutes each)"),
+    proxy: bool = typer.Option(True, "--proxy/--no-proxy", help="score candidates by a proxy (--proxy-score), "
+                               "the top-k fully at the end; --no-proxy: every candidate fully"),
+    order_windows: Optional[int] = typer.Option(None, help="calibration windows of the short sequential "
+                                                "compressions that score each genome (--proxy-score short) or "
+                                                "each layer order (truncation; 0: blind to the order) [default: 8]"),
+    order_seq_len: int = typer.Option(SearchSetup.order_seq_len, help="window length of the short compressions"),
+    order_refine_steps: Optional[int] = typer.Option(SearchSetup.order_refine_steps, help="refinement steps per "
+                                                     "layer of the short compressions"),
+    proxy_score: str = typer.Option(SearchSetup.proxy_score, help="a genome's proxy fitness: short, its own short "
+                                    "sequential compression with refinement (minutes each); truncation: cached "
+                                    "factors, no sequential pass (seconds), times its order's short score"),
     rank_step: int = typer.Option(StrategyConfig.rank_step, help="rank grid step of the allocation"),
     rank_floor: int = typer.Option(StrategyConfig.rank_floor, help="smallest rank a matrix can get"),
     workers: int = typer.Option(1, help="worker processes scoring candidates in parallel (proxy scoring)"),

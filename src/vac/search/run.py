@@ -17,21 +17,24 @@ for the built-in corpora, by file content otherwise). The winner is scored once 
 split (and so is the default, as the reference).
 
 Speed. Everything that does not depend on the genome is computed once: the dense statistics (cached
-in ``OUT/cache/<key>/statistics.pt``) and, per (method, Fisher exponent), the weighted SVD of every
-matrix, stored as factor pairs at the largest useful rank (``factors-*.safetensors``): a candidate's
-allocation is a knapsack over the cached spectra and its factorization a truncation of the cached
-factors, with no new SVD. The sequential compression of the full method recomputes statistics layer by
-layer and costs minutes per candidate on a CPU, so by default (``proxy=True``) candidates are scored
-with ``sequential=False`` (dense statistics, cached factors) on a few search windows. That truncation
-cannot see the layer order, which matters only for sequential compression, so the order is scored
-apart (``SearchSetup.order_windows``): once per order, the default genes in that order compressed
-sequentially as ``vac compress`` does from a few short calibration windows, and a genome's fitness is
-its truncation score times its order's score relative to the default order's (the order's effect
-taken as separable from the other genes'; ``benchmarks/order_proxy.py`` measures how well the order
-score ranks orders against the full compression). The top-k genomes by fitness plus the default are
-re-scored with the full configuration (sequential, as ``vac compress``) on the search split, and the
-best of those is the winner. ``proxy=False`` scores every candidate with the full configuration
-(GPU-sized budgets).
+in ``$VAC_HOME/stats``) and, per (method, Fisher exponent), the weighted SVD of every matrix, stored as
+factor pairs at the largest useful rank (``factors-*.safetensors``). The full method compresses
+sequentially and refines each layer, minutes per candidate on a CPU, so by default (``proxy=True``)
+candidates get a proxy fitness, ``SearchSetup.proxy_score``:
+
+- ``"short"`` (the default): the genome's own *short* sequential compression, every gene and the
+  refinement included (``order_refine_steps`` steps a layer), from ``order_windows`` calibration
+  windows of ``order_seq_len`` tokens, with the full run's dense statistics (Fisher, allocation
+  curves); its perplexity on the search windows. The first population is the default and its
+  mutants. ``benchmarks/short_proxy.py`` measures how it ranks genomes against the full compression.
+- ``"truncation"``: a knapsack over the cached spectra and a truncation of the cached factors (no
+  sequential pass, no refinement, seconds a genome), times the genome's order's short score (the
+  default genes in that order) relative to the default order's. Under the refinement it misranks
+  genomes (the Fisher exponent most).
+
+The top-k genomes by fitness plus the default are re-scored with the full configuration (sequential,
+as ``vac compress``) on the search split, and the best of those is the winner. ``proxy=False`` scores
+every candidate with the full configuration (GPU-sized budgets).
 
 Resume. The state (population, fitness archive, RNG state, generation index, the final-stage scores)
 is written atomically to ``OUT/state.json`` after every evaluation and every generation; rerunning the
