@@ -114,20 +114,25 @@ def test_order_mutations_stay_in_the_outward_family():
     assert len(seen) > n  # the family is explored, not one order
 
 
-def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path):
-    """The order score is a sequential compression (the default genes) from the order windows with the
-    full run's dense statistics: two
-    orders of the same genes score differently, exactly as the pipeline compresses them, and two genomes
-    that differ only in the order get fitnesses in the ratio of their order scores."""
+def prepared_engine(setup: SearchSetup, folder):
+    """``(engine, search windows, short windows)``: an in-memory engine with the full run's statistics."""
     from vac.search.scoring import InMemoryEngine
 
-    setup = setup_for(files)
-    engine = InMemoryEngine(setup, tmp_path / "cache", progress=False)
+    engine = InMemoryEngine(setup, folder, progress=False)
     tok = engine.tokenizer
     calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
     windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
     engine.prepare(calib, windows)
-    small = setup.order_calibration(tok)
+    return engine, windows, setup.order_calibration(tok)
+
+
+def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path):
+    """The order score is a sequential compression (the default genes) from the order windows with the
+    full run's dense statistics: two orders of the same genes score differently, exactly as the pipeline
+    compresses them, and two genomes that differ only in the order get fitnesses in the ratio of their
+    order scores (the truncation proxy)."""
+    setup = setup_for(files)
+    engine, windows, small = prepared_engine(setup, tmp_path / "cache")
     front, back = Genome.default(4), replace(Genome.default(4), order=(3, 2, 1, 0))
     scores = [engine.short_score(g, small)["score"] for g in (front, back)]
     assert scores[0] != pytest.approx(scores[1], rel=1e-3), scores
@@ -151,15 +156,8 @@ def test_short_proxy_scores_every_gene_by_a_short_refined_compression(files, tmp
     """``proxy_score="short"``: a genome's fitness is its own short sequential compression (every gene,
     the refinement at ``order_refine_steps``), exactly as the pipeline compresses it from the order
     windows; genes other than the order change it."""
-    from vac.search.scoring import InMemoryEngine
-
     setup = setup_for(files, proxy_score="short", order_refine_steps=3, population=3)
-    engine = InMemoryEngine(setup, tmp_path / "cache", progress=False)
-    tok = engine.tokenizer
-    calib = sample_windows(tok, setup.calib, setup.seq_len, setup.calib_windows, seed=0)
-    windows = eval_windows(tok, setup.search_data, setup.seq_len, setup.search_windows)
-    engine.prepare(calib, windows)
-    small = setup.order_calibration(tok)
+    engine, windows, small = prepared_engine(setup, tmp_path / "cache")
     default = Genome.default(4)
     other = replace(default, exponent=1.0, attn=1.0)
     scores = [engine.short_score(g, small)["score"] for g in (default, other)]
