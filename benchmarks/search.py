@@ -2,7 +2,8 @@
 
 Runs :func:`vac.search.run.run_search` (fitness on austen:search by the default proxy, each genome's
 short sequential compression with refinement; the top-k and the default re-scored with the full
-sequential config, the winner and the default scored once on austen:eval) and writes ``benchmarks/results/search.json`` with ``default_ppl`` and ``best_ppl``
+sequential config, the winner and the default scored once on austen:eval) and writes
+``benchmarks/results/search.json`` with ``default_ppl`` and ``best_ppl``
 (eval PPL of the default strategy and of the winner), ``minutes``, ``ratio_reached`` and the winning
 strategy, plus a plain verdict (a gain, or no gain, with the numbers). The search state and caches
 live in ``--work`` (outside the repository: the statistics and factor caches take ~2 GB for the

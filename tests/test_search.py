@@ -176,7 +176,8 @@ def test_short_proxy_scores_every_gene_by_a_short_refined_compression(files, tmp
     assert state["short"][default.full_key()]["score"] == pytest.approx(scores[0], rel=1e-9)
     for entry in state["archive"].values():  # the first population: the default and its mutants
         g = Genome.from_dict(entry["genome"])
-        changed = [f for f in ("order", "method", "exponent", "attn", "allocation") if getattr(g, f) != getattr(default, f)]
+        genes = ("order", "method", "exponent", "attn", "allocation")
+        changed = [f for f in genes if getattr(g, f) != getattr(default, f)]
         changed += [k for k, w in enumerate(g.log_weights) if w != 0]
         assert len(changed) <= 2 and (len(changed) >= 1 or g == default), changed
     assert "short sequential compression" in summary["fitness"]
