@@ -306,8 +306,8 @@ class _Run:
             return "full config"
         if not self.setup.order_windows:
             return "proxy: sequential=False"
-        steps = self.setup.order_refine_steps or StrategyConfig.refine_steps
         if self.setup.proxy_score == "short":
+            steps = self.setup.short_config(self.default).strategy.refine_steps
             return (f"proxy: short sequential compression ({self.setup.order_windows}x{self.setup.order_seq_len} "
                     f"calibration, refinement {steps} steps)")
         return (f"proxy: sequential=False x order score ({self.setup.order_windows}x{self.setup.order_seq_len} "

@@ -279,7 +279,7 @@ class SearchSetup:
     # proxy, 0 without it (0: the proxy stays blind to the order)
     order_windows: int | None = None
     order_seq_len: int = 256
-    # refinement steps per layer of that short compression (None: the strategy's own, 24; 8 ranks four
+    # refinement steps per layer of that short compression (None: the strategy's own, 24; 8 ranks five
     # genomes as the full compression does, benchmarks/short_proxy.py, at about half the cost)
     order_refine_steps: int | None = 8
     # what a genome's proxy fitness is: "short", its own short sequential compression (every gene, the
