@@ -7,4 +7,6 @@ bash scripts/setup.sh
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! apt-cache policy sword-text-web 2>/dev/null | grep -q Candidate; then
   apt-get update -qq >/dev/null 2>&1 || true
 fi
-.venv/bin/python -m pytest -q "$@"
+# one worker per core (pytest-xdist): most tests run on one thread (tests/conftest.py), so one process
+# would leave the second core idle; worksteal evens out the few minute-long real-model tests
+.venv/bin/python -m pytest -q -n auto --dist worksteal "$@"

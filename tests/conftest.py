@@ -29,6 +29,16 @@ def tiny_olmo3(seed=0, layers=4):
     return Olmo3ForCausalLM(config).eval()
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first, the longest (``slow(minutes=N)``) before all: under ``-n auto`` (scripts/test.sh)
+    the workers share out the long tests at the start and end together (longest-first scheduling)."""
+    def minutes(item) -> float:
+        marks = list(item.iter_markers("slow"))
+        return max((m.kwargs.get("minutes", 0.5) for m in marks), default=0.0)
+
+    items.sort(key=lambda item: -minutes(item))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny matrices: one intra-op thread is many times faster than two, above all on a busy machine."""

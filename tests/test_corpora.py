@@ -444,6 +444,34 @@ def test_load_corpus_builds_once_then_reads_cache(vac_home: Path, monkeypatch: p
     assert calls == ["austen"] * 3
 
 
+def test_a_second_process_waits_for_the_first_build(vac_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two loads at once on an empty cache (two commands, or two test workers): the one that finds no
+    cache while another holds the build lock waits for it, then reads what it built, never building too."""
+    import threading
+
+    from vac.cache import build_lock
+
+    built, missed = [], threading.Event()
+    monkeypatch.setattr(corpora, "_build", lambda name, workdir: built.append(name) or fake_austen_docs())
+    read = corpora._read_cache
+
+    def read_and_signal(root: Path, name: str, report: bool = True):
+        docs = read(root, name, report)
+        if docs is None and report:
+            missed.set()  # the waiting load found no cache: the other "process" now builds it
+        return docs
+
+    monkeypatch.setattr(corpora, "_read_cache", read_and_signal)
+    result = {}
+    with build_lock("corpus-austen"):  # the other process, building
+        waiter = threading.Thread(target=lambda: result.update(docs=load_corpus("austen")))
+        waiter.start()
+        assert missed.wait(30)
+        corpora._write_cache(vac_home / "corpora" / "austen", "austen", fake_austen_docs())
+    waiter.join(30)
+    assert result["docs"] == fake_austen_docs() and built == []  # read the other's build, did not build
+
+
 def test_failed_build_leaves_no_cache(vac_home: Path) -> None:
     with pytest.raises(AssertionError):
         load_corpus("web-bible")

@@ -310,7 +310,11 @@ def test_chat_jsonl_rendered_with_the_template(tmp_path):
     assert samples.ids[0].tolist() == [3, 4, 1, 5, 1, 1, 1, 1]  # w1 w2 <eos> w3 <eos>, then padding
     assert samples.mask[0].tolist() == [True] * 5 + [False] * 3
     assert samples.mask[1].all()  # truncated to the window
-    path.write_text('{"text": "not a chat"}\n')
+    # a conversation rendered already (as `vac self-text` writes it) is taken verbatim, not templated again
+    path.write_text('{"text": "w1 w2 <eos> w3 <eos>"}\n')
+    assert read_chat_jsonl(path) == ["w1 w2 <eos> w3 <eos>"]
+    assert render_chat(tok, read_chat_jsonl(path), 8).ids.tolist() == samples.ids[:1].tolist()
+    path.write_text('{"text": 3}\n')
     with pytest.raises(VacError, match="chat.jsonl:1 needs"):
         read_chat_jsonl(path)
 

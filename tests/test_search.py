@@ -143,13 +143,15 @@ def test_order_score_distinguishes_orders_and_enters_the_fitness(files, tmp_path
     assert scores[1] == pytest.approx(perplexity(net, windows, progress=False)["ppl"], rel=1e-5)
 
     summary = run_search(setup, tmp_path / "s", generations=2, progress=False, log=lambda _m: None)
-    archive = json.loads((tmp_path / "s" / "state.json").read_text())["archive"]
-    orders = json.loads((tmp_path / "s" / "state.json").read_text())["orders"]
-    base = orders[",".join(map(str, Genome.default(4).order))]["score"]
-    for entry in archive.values():
-        order = orders[",".join(map(str, entry["genome"]["order"]))]["score"]
+    state = json.loads((tmp_path / "s" / "state.json").read_text())
+    orders = state["short"]  # the order scores: short scores of the default genes in each order
+    in_order = lambda order: replace(Genome.default(4), order=tuple(order)).full_key()  # noqa: E731
+    base = orders[in_order(Genome.default(4).order)]["score"]
+    for entry in state["archive"].values():
+        order = orders[in_order(entry["genome"]["order"])]["score"]
         assert entry["score"] == pytest.approx(entry["truncation"] * order / base, rel=1e-12)
     assert len(summary["orders"]) == len(orders) >= 2 and "order score" in summary["fitness"]
+    assert [o["score"] for o in summary["orders"]] == sorted(o["score"] for o in orders.values())
 
 
 def test_short_proxy_scores_every_gene_by_a_short_refined_compression(files, tmp_path):

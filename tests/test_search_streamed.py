@@ -92,7 +92,7 @@ def test_streamed_search_equals_the_in_memory_search(files, tmp_path):
     assert not list((tmp_path / "s" / "cache" / "full").glob("*"))  # re-scored checkpoints removed at the end
     assert not list((tmp_path / "s" / "cache" / "orders").glob("*"))  # and each order score's at once
     assert {"strategy.json", "search.json", "fitness.png"} <= {p.name for p in (tmp_path / "s").iterdir()}
-    orders = [json.loads((tmp_path / d / "state.json").read_text())["orders"] for d in ("m", "s")]
+    orders = [json.loads((tmp_path / d / "state.json").read_text())["short"] for d in ("m", "s")]
     assert len(orders[1]) >= 2  # the default's and at least one other order were scored
     for key in orders[0].keys() & orders[1].keys():
         assert orders[1][key]["score"] == pytest.approx(orders[0][key]["score"], rel=1e-4), key

@@ -31,6 +31,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VAC_HOME") or Path.home() / ".cache" / "vac")
 
 
+def build_lock(name: str):
+    """An inter-process lock around the first build of a shared cache entry (the embedded model, a
+    corpus): of two vac processes started at once on an empty cache (two commands, or the test suite's
+    workers), one builds while the other waits, then reads what was built. ``filelock`` (the lock
+    huggingface_hub takes around its downloads; a dependency of torch) rather than a hand-written flock."""
+    from filelock import FileLock
+
+    path = cache_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 

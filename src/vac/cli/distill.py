@@ -49,7 +49,8 @@ def distill(
     temperature: float = typer.Option(DistillConfig.temperature, "--temperature", "-T", help="distillation temperature T"),
     alpha: float = typer.Option(DistillConfig.alpha, help="loss = alpha*T^2*KL + (1-alpha)*NLL (per-token means)"),
     chat_fraction: float = typer.Option(DISTILL_CHAT_FRACTION, help="fraction of chat-formatted samples in the mix"),
-    chat_data: Optional[Path] = typer.Option(None, help='jsonl of {"messages": [...]} [default: built from --data]'),
+    chat_data: Optional[Path] = typer.Option(None, help='jsonl of {"messages": [...]} or rendered {"text": ...} '
+                                            '(vac self-text) [default: built from --data]'),
     chat_samples: int = typer.Option(DISTILL_CHAT_SAMPLES, help="size of the built-in chat set"),
     train_norms: bool = typer.Option(DistillConfig.train_norms, "--train-norms/--freeze-norms", help="train the norm weights"),
     train_embeddings: bool = typer.Option(DistillConfig.train_embeddings, "--train-embeddings/--freeze-embeddings",

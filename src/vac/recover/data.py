@@ -145,8 +145,10 @@ def builtin_chat(docs: list[tuple[str, str]], n: int = DISTILL_CHAT_SAMPLES) -> 
     return out[:n]
 
 
-def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict]]:
-    """Conversations of a jsonl file whose lines are ``{"messages": [{"role": ..., "content": ...}, ...]}``."""
+def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict] | str]:
+    """Conversations of a jsonl file whose lines are ``{"messages": [{"role": ..., "content": ...}, ...]}``,
+    or ``{"text": ...}``: a conversation already rendered with the chat template (what ``vac self-text``
+    writes: the dense model's own answers, so the student is distilled on the teacher's distribution)."""
     path = Path(path)
     if not path.is_file():
         raise VacError(f"no such chat file: {path}")
@@ -154,27 +156,32 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict]]:
 
     convs = []
     for number, record in jsonl_records(path):
+        if isinstance(record, dict) and isinstance(record.get("text"), str) and "messages" not in record:
+            convs.append(record["text"])
+            continue
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
         ):
-            raise VacError(f"{path}:{number} needs {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+            raise VacError(f"{path}:{number} needs {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
+                           "or {\"text\": ...}")
         convs.append(messages)
     if not convs:
         raise VacError(f"{path} holds no conversations")
     return convs
 
 
-def render_chat(tokenizer, conversations: list[list[dict]], seq_len: int) -> Samples:
-    """Conversations rendered with the tokenizer's chat template, truncated and right-padded to ``seq_len``."""
+def render_chat(tokenizer, conversations: list[list[dict] | str], seq_len: int) -> Samples:
+    """Conversations rendered with the tokenizer's chat template (a string: rendered already), truncated
+    and right-padded to ``seq_len``."""
     if not getattr(tokenizer, "chat_template", None):
         raise VacError("the tokenizer has no chat template; pass --chat-fraction 0")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(conversations), seq_len), pad if pad is not None else 0, dtype=torch.long)
     mask = torch.zeros((len(conversations), seq_len), dtype=torch.bool)
     for row, conv in enumerate(conversations):
-        text = tokenizer.apply_chat_template(conv, tokenize=False)
+        text = conv if isinstance(conv, str) else tokenizer.apply_chat_template(conv, tokenize=False)
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[row, : len(tokens)] = True

@@ -196,32 +196,20 @@ class _Run:
             if g.proxy_key() not in truncated:
                 truncated[g.proxy_key()] = next(results)
             entry = dict(truncated[g.proxy_key()], genome=g.to_dict(), generation=generation)
-            if self.setup.order_windows:
-                order, base = self.order_entry(g.order)["score"], self.order_entry(self.default.order)["score"]
+            if self.setup.order_windows:  # the default genes in g's order, relative to the default order
+                order, base = (self.short_entry(replace(self.default, order=o))["score"]
+                               for o in (g.order, self.default.order))
                 entry |= {"truncation": entry["score"], "order_score": order, "score": entry["score"] * order / base}
             archive[self.key(g)] = entry
             self.save()
         return len(genomes)
-
-    def order_entry(self, order) -> dict:
-        """The order score of ``order`` (memoized in the state): the default genes in that order,
-        compressed sequentially from the order windows, scored on the search windows."""
-        orders = self.state.setdefault("orders", {})
-        key = ",".join(map(str, order))
-        if key not in orders:
-            g = replace(self.default, order=tuple(order))
-            orders[key] = self.engine.short_score(g, self.order_calib)
-            self.save()
-            self.log(f"order {describe_order(order)}: order score {orders[key]['score']:.3f} "
-                     f"({orders[key]['seconds']:.0f} s)")
-        return orders[key]
 
     def short_entry(self, g: Genome) -> dict:
         """The short score of ``g`` (memoized in the state): ``g`` compressed sequentially from the
         order windows, every gene and the refinement included, scored on the search windows."""
         short = self.state.setdefault("short", {})
         if g.full_key() not in short:
-            short[g.full_key()] = self.engine.short_score(g, self.order_calib)
+            short[g.full_key()] = self.engine.short_score(g, self.order_calib) | {"genome": g.to_dict()}
             self.save()
             self.log(f"short score {g.describe()}: {short[g.full_key()]['score']:.3f} "
                      f"({short[g.full_key()]['seconds']:.0f} s)")
@@ -313,6 +301,17 @@ class _Run:
         return (f"proxy: sequential=False x order score ({self.setup.order_windows}x{self.setup.order_seq_len} "
                 "sequential, relative to the default order)")
 
+    def order_scores(self) -> list[dict]:
+        """The short scores of the default genes in other orders (the truncation proxy's order scores),
+        best first."""
+        rows = []
+        for entry in self.state.get("short", {}).values():
+            g = Genome.from_dict(entry["genome"]) if "genome" in entry else None
+            if g is not None and replace(g, order=self.default.order) == self.default:
+                rows.append({"order": describe_order(list(g.order)), "score": entry["score"],
+                             "seconds": entry["seconds"]})
+        return sorted(rows, key=lambda r: r["score"])
+
     def ranked(self) -> list[dict]:
         return sorted(self.state["archive"].values(),
                       key=lambda e: (e["score"], Genome.from_dict(e["genome"]).full_key()))
@@ -374,9 +373,7 @@ class _Run:
             "final_candidates": [{"describe": g.describe(), "genome": g.to_dict(),
                                   "search_ppl": full[g.full_key()]["score"]} for g in candidates],
             "history": state["history"], "top": rows[:20], "evaluated": len(rows),
-            "orders": [{"order": describe_order([int(i) for i in k.split(",")]), "score": v["score"],
-                        "seconds": v["seconds"]} for k, v in sorted(state.get("orders", {}).items(),
-                                                                    key=lambda kv: kv[1]["score"])],
+            "orders": self.order_scores(),
             "reproduce": cli,
         }
         strategy = {"format": FORMAT, "config": cfg.strategy.to_dict(), "data": cfg.data.to_dict(),
