@@ -302,8 +302,8 @@ class _Run:
                 "sequential, relative to the default order)")
 
     def order_scores(self) -> list[dict]:
-        """The short scores of the default genes in other orders (the truncation proxy's order scores),
-        best first."""
+        """The short scores of the default genes in each order scored, the default order included (the
+        truncation proxy's order scores), best first."""
         rows = []
         for entry in self.state.get("short", {}).values():
             g = Genome.from_dict(entry["genome"]) if "genome" in entry else None
